@@ -1,0 +1,260 @@
+"""The ``nst`` command.
+
+Exit codes: 0 done; 1 some work failed (or an unexpected error); 2 unusable
+input or invocation (one clear line on stderr, no traceback, no output file).
+
+Every style parameter is a flag named after the field (``--style-weight``);
+list values are separated by ``|`` or ``,``. Commands that run the Prefect
+flow import Prefect only when they are called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input or invocation: exit code 2."""
+
+
+def format_validation_error(exc: ValidationError, flag_style: bool = True) -> str:
+    """pydantic's errors as one line: ``--style-weight: Input should be ... (got 'x')``."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "parameters"
+        name = "--" + field.replace("_", "-") if flag_style and field != "parameters" else field
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}: {message}")
+    return "invalid parameters: " + "; ".join(parts)
+
+
+def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One flag per StyleParams field; unset flags stay None (the model's default applies)."""
+    from nst_core.params import StyleParams
+
+    group = parser.add_argument_group("style parameters")
+    for name, info in StyleParams.model_fields.items():
+        if name in skip:
+            continue
+        default = info.default
+        shown = "|".join(default) if isinstance(default, tuple) else default
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{info.description} (default: {shown})",
+        )
+
+
+def style_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from nst_core.params import StyleParams
+
+    return {name: getattr(args, name) for name in StyleParams.model_fields if getattr(args, name, None) is not None}
+
+
+def build_params(values: dict[str, Any]):  # -> StyleParams
+    from nst_core.params import StyleParams
+
+    try:
+        return StyleParams.model_validate(values)
+    except ValidationError as exc:
+        raise UsageError(format_validation_error(exc)) from None
+
+
+def _sibling(out: str, suffix: str) -> str:
+    """``out.png`` -> ``out.loss.csv`` (works for paths and s3:// URIs)."""
+    root, _ = os.path.splitext(out)
+    return root + suffix
+
+
+def _read_image(uri: str, max_pixels: int):
+    from nst_core import images, storage
+
+    return images.load_image(storage.read_bytes(uri), name=uri, max_pixels=max_pixels)
+
+
+class _Progress:
+    """A tqdm bar showing the iteration and the loss terms."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="it", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, info) -> None:  # IterationInfo
+        losses = info.losses[0]
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k in ("total", "content", "style", "tv")})
+        self.bar.update(info.iteration - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool) -> int:
+    from nst_core import engine, history, images, storage
+    from nst_core.network import WeightsSpec, load_network, resolve_device
+
+    ext = os.path.splitext(out)[1].lower().lstrip(".")
+    fmt = {"jpg": "jpeg"}.get(ext, ext)
+    if fmt not in images.OUTPUT_FORMATS:
+        raise UsageError(f"-o {out}: the output must end in .png, .jpg, .jpeg or .webp")
+    content = _read_image(content_uri, params.max_pixels)
+    style = content if style_uri == content_uri else _read_image(style_uri, params.max_pixels)
+    init_image = _read_image(params.init, params.max_pixels) if params.init_is_image else None
+    spec = WeightsSpec.parse(params.weights)
+    weights_path = str(storage.fetch_to_cache(params.weights)) if spec.kind == "file" else None
+    if spec.is_random:
+        print(
+            f"WARNING: weights={params.weights} are untrained random weights (a smoke run, not ImageNet VGG-19); "
+            "every output records this.",
+            file=sys.stderr,
+        )
+    network = load_network(
+        params.weights,
+        pooling=params.pooling,
+        device=resolve_device(params.device),
+        weights_path=weights_path,
+        weights_sha256=params.weights_sha256,
+    )
+    progress = _Progress(params.iterations, enabled=not quiet)
+    try:
+        result = engine.stylize(content, style, params, init_image=init_image, network=network, callback=progress)
+    finally:
+        progress.close()
+    label = f"{os.path.basename(content_uri)} x {os.path.basename(style_uri)}  weights={result.weights_id}"
+    storage.write_bytes(out, images.encode(result.to_pil(), fmt))
+    storage.write_bytes(_sibling(out, ".loss.csv"), history.to_csv(result.history), "text/csv")
+    storage.write_bytes(_sibling(out, ".loss.png"), history.to_png(result.history, label), "image/png")
+    final = ", ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items() if ":" not in k)
+    print(f"wrote {out} ({result.iterations} iterations in {result.wall_time_s:.1f} s on {result.device}; {final})")
+    print(f"loss table {_sibling(out, '.loss.csv')}, loss plot {_sibling(out, '.loss.png')}")
+    return EXIT_OK
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    params = build_params(style_overrides(args))
+    return _run_engine(args.content, args.style, args.output, params, args.quiet)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """The paper's Figure 1: reconstruct an image from white noise by content or style alone."""
+    values = style_overrides(args)
+    has_content, has_style = "content_layers" in values, "style_layers" in values
+    if has_content == has_style:
+        raise UsageError("reconstruct needs exactly one of --content-layers or --style-layers")
+    values.setdefault("init", "noise")
+    if has_content:
+        values.update(style_layers=[], style_weight=0.0)
+    else:
+        values.update(content_layers=[], content_weight=0.0)
+    params = build_params(values)
+    return _run_engine(args.image, args.image, args.output, params, args.quiet)
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {pair!r}: expected key=value")
+        values[key.strip().replace("-", "_")] = value
+    return values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nst_cli.pipeline import run_manifest
+
+    return run_manifest(args, _parse_sets(args.set or []))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from nst_cli.pipeline import validate_manifest
+
+    return validate_manifest(args, _parse_sets(args.set or []))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nst_cli.pipeline import demo
+
+    return demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nst", description="Bulk neural style transfer (Gatys et al., 2015).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stylize", help="stylise one content image with one style image")
+    p.add_argument("content", help="content image: path or s3:// URI")
+    p.add_argument("style", help="style image: path or s3:// URI")
+    p.add_argument("-o", "--output", required=True, help="output image (.png/.jpg/.webp), path or s3:// URI")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_style_flags(p)
+    p.set_defaults(func=cmd_stylize)
+
+    p = sub.add_parser("reconstruct", help="reconstruct an image from noise by its content or style representation (Figure 1)")
+    p.add_argument("image", help="image: path or s3:// URI")
+    p.add_argument("-o", "--output", required=True, help="output image")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_style_flags(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    for name, func, helptext in (
+        ("run", cmd_run, "run a manifest through the Prefect flow"),
+        ("validate", cmd_validate, "check a manifest and print the plan without running it"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("manifest", help="manifest CSV: path or s3:// URI")
+        p.add_argument("--output", "-o", required=(name == "run"), help="output prefix: directory or s3:// URI")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a style parameter default under the manifest's columns (repeatable)")
+        p.add_argument("--strict", action="store_true", help="fail before any work when any row is invalid")
+        p.add_argument("--no-local-paths", action="store_true", help="refuse local paths in the manifest (only s3://)")
+        if name == "run":
+            p.add_argument("--force", action="store_true", help="redo items that are already done")
+            p.add_argument("--max-items", type=int, default=None, help="stop planning after this many rows")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="run the sample manifest end to end on the embedded defaults")
+    p.add_argument("--output", "-o", default="nst-demo-output", help="output folder (default: ./nst-demo-output)")
+    p.add_argument("--size", type=int, default=96, help="long side in pixels (default 96)")
+    p.add_argument("--iterations", type=int, default=60, help="iterations per item (default 60)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from nst_core.errors import NSTError
+    from nst_core.storage import StorageError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"nst: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (NSTError, ValidationError) as exc:
+        message = format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        print(f"nst: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except StorageError as exc:
+        print(f"nst: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED if getattr(exc, "transient", False) else EXIT_USAGE
+    except ValueError as exc:  # e.g. an unsupported URI scheme, an unavailable device
+        print(f"nst: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("nst: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

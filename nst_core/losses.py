@@ -1,0 +1,128 @@
+"""The losses of Gatys et al. (2015), as pure functions and one composite module.
+
+Notation (the paper's): a layer ``l`` has ``N_l`` feature maps of ``M_l``
+positions each; ``F`` are the generated image's features, ``P`` the content
+image's, ``G = F F^T`` and ``A`` the Gram matrices of the generated and style
+images. Every function works on a batch and returns one value per item
+(shape ``[B]``), so a batch of images is optimised as independent problems.
+
+Two normalisations (``StyleParams.loss_normalization``):
+
+``paper``::
+
+    content_l = 1/2 * sum (F - P)^2
+    style_l   = sum (G - A)^2 / (4 N_l^2 M_l^2)
+
+``target`` (default; scale-free, each term divided by its target's energy)::
+
+    content_l = sum (F - P)^2 / sum P^2
+    style_l   = sum (G/M - A/M_s)^2 / sum (A/M_s)^2
+
+Gram matrices are compared per position (``G / M``), which equals the
+paper's form when the two images have the same size and stays meaningful
+when the style image has another size (``style_scale``, other aspect ratio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+_EPS = 1e-12
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    """G_ij = sum_k F_ik F_jk for features ``[B, N, H, W]`` -> ``[B, N, N]`` (not normalised)."""
+    b, n, h, w = features.shape
+    flat = features.reshape(b, n, h * w)
+    return flat @ flat.transpose(1, 2)
+
+
+def mean_gram(features: Tensor) -> Tensor:
+    """The Gram matrix per position, ``G / M``: what style targets store."""
+    return gram_matrix(features) / (features.shape[-2] * features.shape[-1])
+
+
+def _per_item_sum(x: Tensor) -> Tensor:
+    return x.flatten(1).sum(1)
+
+
+def content_loss(features: Tensor, target: Tensor, normalization: str = "target") -> Tensor:
+    """Content term at one layer; ``target`` (P) broadcasts over the batch."""
+    squared_error = _per_item_sum((features - target).square())
+    if normalization == "paper":
+        return 0.5 * squared_error
+    return squared_error / _per_item_sum(target.square().expand_as(features)).clamp_min(_EPS)
+
+
+def style_layer_loss(features: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
+    """Style term E_l at one layer; ``target_gram`` is a per-position Gram (A / M_s), ``[B|1, N, N]``."""
+    n = features.shape[1]
+    gram = mean_gram(features)
+    squared_error = _per_item_sum((gram - target_gram).square())
+    if normalization == "paper":
+        # sum (G - A)^2 / (4 N^2 M^2) == sum (G/M - A/M)^2 / (4 N^2)
+        return squared_error / (4.0 * n * n)
+    return squared_error / _per_item_sum(target_gram.square().expand_as(gram)).clamp_min(_EPS)
+
+
+def tv_loss(image: Tensor, normalization: str = "target") -> Tensor:
+    """Total variation: squared differences of neighbouring pixels (summed; or per pixel value)."""
+    dh = _per_item_sum((image[..., 1:, :] - image[..., :-1, :]).square())
+    dw = _per_item_sum((image[..., :, 1:] - image[..., :, :-1]).square())
+    if normalization == "paper":
+        return dh + dw
+    return (dh + dw) / image[0].numel()
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """alpha, beta, gamma and the per-layer w_l."""
+
+    content: float
+    style: float
+    tv: float
+    style_layers: dict[str, float]
+    content_layers: tuple[str, ...]
+    normalization: str = "target"
+
+    @property
+    def layers(self) -> frozenset[str]:
+        """Every layer whose features the loss reads."""
+        return frozenset(self.content_layers) | frozenset(self.style_layers)
+
+
+class GatysLoss(nn.Module):
+    """alpha * content + beta * sum_l w_l E_l + gamma * tv, reported term by term.
+
+    Holds the targets of a batch: content features ``[B, ...]`` per content
+    layer and per-position style Grams ``[B, N, N]`` per style layer.
+    ``forward`` returns the total per item ``[B]`` and a dict of named terms,
+    each ``[B]`` and unweighted: ``content``, ``style`` (= sum_l w_l E_l),
+    ``tv`` and ``style:<layer>`` (= E_l).
+    """
+
+    def __init__(self, weights: LossWeights, content_targets: dict[str, Tensor], style_targets: dict[str, Tensor]):
+        super().__init__()
+        self.weights = weights
+        self.content_targets = content_targets
+        self.style_targets = style_targets
+
+    def forward(self, features: dict[str, Tensor], image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        w = self.weights
+        zero = image.new_zeros(image.shape[0])
+        terms: dict[str, Tensor] = {}
+        content = zero
+        for name in w.content_layers:
+            content = content + content_loss(features[name], self.content_targets[name], w.normalization)
+        content = content / max(len(w.content_layers), 1)
+        style = zero
+        for name, layer_weight in w.style_layers.items():
+            e_l = style_layer_loss(features[name], self.style_targets[name], w.normalization)
+            terms[f"style:{name}"] = e_l
+            style = style + layer_weight * e_l
+        tv = tv_loss(image, w.normalization) if w.tv > 0 else zero
+        total = w.content * content + w.style * style + w.tv * tv
+        return total, {"total": total, "content": content, "style": style, "tv": tv, **terms}

@@ -1,0 +1,348 @@
+"""VGG-19 feature extractor with named layers, and the ways to load its weights.
+
+The network is torchvision's ``vgg19().features`` (16 convolutions, 5 pools),
+re-labelled so every layer has the name the paper uses::
+
+    conv1_1 relu1_1 conv1_2 relu1_2 pool1
+    conv2_1 relu2_1 conv2_2 relu2_2 pool2
+    conv3_1 relu3_1 ... conv3_4 relu3_4 pool3
+    conv4_1 relu4_1 ... conv4_4 relu4_4 pool4
+    conv5_1 relu5_1 ... conv5_4 relu5_4 pool5
+
+Weights are named by a string (the ``weights`` style parameter):
+
+* ``imagenet``: torchvision's ``VGG19_Weights.IMAGENET1K_V1`` through
+  torchvision's own loader and cache (``$TORCH_HOME/hub/checkpoints``).
+* ``random:SEED``: seeded random initialisation, for tests and offline runs.
+* a local path to a state dict (torchvision's ``features.N.weight`` keys, or
+  bare ``N.weight`` keys), loaded with ``weights_only=True``. Remote files
+  (``s3://``) are fetched to a local cache by the caller first.
+
+Networks are cached per process: loading happens once per
+(weights, device) and every pooling variant shares the same parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from nst_core.errors import WeightsError
+
+# Channels of each convolution block, from torchvision's VGG-19 ("E") config.
+_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))
+
+
+def _layer_names() -> tuple[str, ...]:
+    names: list[str] = []
+    for block, (_, convs) in enumerate(_BLOCKS, start=1):
+        for i in range(1, convs + 1):
+            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
+        names.append(f"pool{block}")
+    return tuple(names)
+
+
+LAYER_NAMES: tuple[str, ...] = _layer_names()
+"""Every addressable layer, in forward order (37 names)."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision's file name for VGG19_Weights.IMAGENET1K_V1 in the hub cache.
+IMAGENET_FILE = "vgg19-dcbb9e9d.pth"
+
+
+def layer_index(name: str) -> int:
+    """Position of a named layer in the forward pass (raises KeyError)."""
+    try:
+        return LAYER_NAMES.index(name)
+    except ValueError:
+        raise KeyError(f"unknown VGG-19 layer {name!r}; known layers: {', '.join(LAYER_NAMES)}") from None
+
+
+def downsampling_before(name: str) -> int:
+    """How many 2x poolings an image passes through before reaching ``name``."""
+    return sum(1 for n in LAYER_NAMES[: layer_index(name) + 1] if n.startswith("pool"))
+
+
+def min_image_side(layers: list[str] | tuple[str, ...]) -> int:
+    """Smallest image side whose feature map at every one of ``layers`` is >= 1 px.
+
+    Each pooling halves the side (floor), so ``k`` poolings need ``2**k`` px.
+    """
+    return 2 ** max((downsampling_before(n) for n in layers), default=0)
+
+
+def _build_features() -> nn.Sequential:
+    """torchvision's VGG-19 convolutional trunk, with named children."""
+    from torchvision.models import vgg19
+
+    trunk = vgg19(weights=None).features
+    layers: dict[str, nn.Module] = {}
+    for name, module in zip(LAYER_NAMES, trunk, strict=True):
+        if isinstance(module, nn.ReLU):
+            # Not in-place: the conv output before it may be a requested feature.
+            module = nn.ReLU(inplace=False)
+        layers[name] = module
+    return nn.Sequential(OrderedDict(layers))
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A parsed ``weights`` parameter: kind is ``imagenet``, ``random`` or ``file``."""
+
+    kind: str
+    seed: int | None = None
+    path: str | None = None
+
+    @staticmethod
+    def parse(text: str) -> "WeightsSpec":
+        text = text.strip()
+        if text == "imagenet":
+            return WeightsSpec("imagenet")
+        if text.startswith("random:"):
+            seed = text.removeprefix("random:")
+            if not seed.isdigit():
+                raise ValueError(f"weights {text!r}: 'random:' must be followed by a non-negative integer seed")
+            return WeightsSpec("random", seed=int(seed))
+        if not text:
+            raise ValueError("weights must not be empty")
+        return WeightsSpec("file", path=text)
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_id(weights: str, local_path: str | None = None) -> str:
+    """A stable identifier of the weights, for metadata and ``item_id``.
+
+    ``imagenet`` and ``random:N`` name themselves; a file is named by the sha256
+    of its bytes, so the same file reached by two URIs has one id.
+    """
+    spec = WeightsSpec.parse(weights)
+    if spec.kind == "imagenet":
+        return "imagenet:IMAGENET1K_V1"
+    if spec.kind == "random":
+        return f"random:{spec.seed}"
+    return "sha256:" + sha256_file(local_path or spec.path or "")
+
+
+def _random_state_dict(features: nn.Sequential, seed: int) -> dict[str, Tensor]:
+    """Deterministic He-normal conv weights (torchvision's own init) from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, Tensor] = {}
+    for name, module in features.named_children():
+        if isinstance(module, nn.Conv2d):
+            fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+            std = (2.0 / fan_out) ** 0.5
+            state[f"{name}.weight"] = torch.randn(module.weight.shape, generator=gen) * std
+            state[f"{name}.bias"] = torch.zeros(module.out_channels)
+    return state
+
+
+def _imagenet_state_dict() -> dict[str, Tensor]:
+    """Fetch ImageNet weights through torchvision's loader and cache, or explain why not."""
+    from torchvision.models import VGG19_Weights
+
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # urllib errors, socket errors, HTTP errors...
+        reason = type(exc).__name__
+        raise WeightsError(
+            f"ImageNet VGG-19 weights are not in torchvision's cache ({hub_dir / IMAGENET_FILE}) "
+            f"and could not be downloaded ({reason}). Ways out: copy {IMAGENET_FILE} into {hub_dir} "
+            "(or point TORCH_HOME at a cache that has it); pass --weights PATH or s3://... to a "
+            "VGG-19 state dict; or use --weights random:SEED for an offline smoke run."
+        ) from None
+
+
+def _file_state_dict(path: str, expected_sha256: str | None) -> dict[str, Tensor]:
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path}: not found")
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256.lower():
+            raise WeightsError(f"weights file {path}: sha256 is {actual}, expected {expected_sha256}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"weights file {path}: not a plain tensor state dict (loaded with weights_only=True): {first_line}"
+        ) from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise WeightsError(f"weights file {path}: expected a dict of tensors, got {type(loaded).__name__}")
+    return loaded
+
+
+def _to_named(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Map torchvision keys (``features.0.weight`` or ``0.weight``) to ``conv1_1.weight``."""
+    named: dict[str, Tensor] = {}
+    for key, value in state.items():
+        bare = key.removeprefix("features.")
+        index, _, leaf = bare.partition(".")
+        if key.startswith("classifier."):
+            continue
+        if index.isdigit() and int(index) < len(LAYER_NAMES):
+            named[f"{LAYER_NAMES[int(index)]}.{leaf}"] = value
+        elif index in LAYER_NAMES:
+            named[bare] = value
+        else:
+            raise WeightsError(f"weights {source}: unexpected key {key!r} (not a VGG-19 features layer)")
+    return named
+
+
+def _load_into(features: nn.Sequential, state: dict[str, Tensor], source: str) -> None:
+    expected = features.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise WeightsError(f"weights {source}: missing {len(missing)} VGG-19 tensors (first: {missing[0]})")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"weights {source}: {key} has shape {tuple(state[key].shape)}, VGG-19 needs {tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(state[key]).all():
+            raise WeightsError(f"weights {source}: {key} contains NaN or infinite values")
+    features.load_state_dict({k: state[k] for k in expected})
+
+
+class VGGFeatures(nn.Module):
+    """The VGG-19 trunk with named layers; returns the features asked for.
+
+    The input is an RGB batch in [0, 1]; it is normalised with the weights' own
+    mean and std inside the module, so callers never see normalised pixels. The
+    forward pass stops after the deepest requested layer.
+    """
+
+    def __init__(self, trunk: nn.Sequential, pooling: str, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
+        layers: dict[str, nn.Module] = {}
+        for name, module in trunk.named_children():
+            if name.startswith("pool") and pooling == "avg":
+                # The paper: "replacing the max-pooling operation by average pooling
+                # improves the gradient flow and one obtains slightly more appealing results".
+                module = nn.AvgPool2d(kernel_size=2, stride=2)
+            layers[name] = module
+        self.layers = nn.ModuleDict(layers)
+        self.pooling = pooling
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, image: Tensor, names: set[str] | frozenset[str] | list[str] | tuple[str, ...]) -> dict[str, Tensor]:
+        wanted = set(names)
+        unknown = wanted - set(LAYER_NAMES)
+        if unknown:
+            raise KeyError(f"unknown VGG-19 layers: {sorted(unknown)}")
+        x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        out: dict[str, Tensor] = {}
+        for name, module in self.layers.items():
+            if not wanted - out.keys():
+                break  # nothing deeper is needed
+            x = module(x)
+            if name in wanted:
+                out[name] = x
+        return out
+
+
+@dataclass(frozen=True)
+class Network:
+    """A loaded network and what identifies it."""
+
+    features: VGGFeatures
+    weights: str
+    weights_id: str
+    device: torch.device
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights_id.startswith("random:")
+
+
+_CACHE: dict[tuple[str, str | None, str, str], Network] = {}
+_TRUNKS: dict[tuple[str, str | None, str], tuple[nn.Sequential, str]] = {}
+_LOCK = threading.Lock()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu`` and ``cuda:N`` are taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def load_network(
+    weights: str = "imagenet",
+    *,
+    pooling: str = "avg",
+    device: str | torch.device = "cpu",
+    weights_path: str | None = None,
+    weights_sha256: str | None = None,
+) -> Network:
+    """Load (once per process) VGG-19 with the given weights, pooling and device.
+
+    ``weights_path`` is the local copy of a remote weights file (``s3://``);
+    the caller fetches it. For a local-path ``weights`` it may be omitted.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    spec = WeightsSpec.parse(weights)
+    local = weights_path or spec.path
+    if spec.kind == "file" and local and "://" in local and not local.startswith("file://"):
+        raise WeightsError(f"weights {weights}: remote weights must be fetched to a local file first")
+    if local and local.startswith("file://"):
+        local = local.removeprefix("file://")
+    key = (weights, local, str(dev), pooling)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        trunk_key = (weights, local, str(dev))
+        if trunk_key not in _TRUNKS:
+            trunk = _build_features()
+            if spec.kind == "imagenet":
+                state, source = _imagenet_state_dict(), "imagenet"
+            elif spec.kind == "random":
+                state, source = _random_state_dict(trunk, spec.seed or 0), weights
+            else:
+                assert local is not None
+                state, source = _file_state_dict(local, weights_sha256), local
+            named = state if spec.kind == "random" else _to_named(state, source)
+            _load_into(trunk, named, source)
+            trunk.to(dev)
+            wid = weights_id(weights, local)
+            _TRUNKS[trunk_key] = (trunk, wid)
+        trunk, wid = _TRUNKS[trunk_key]
+        features = VGGFeatures(trunk, pooling, IMAGENET_MEAN, IMAGENET_STD).to(dev)
+        net = Network(features=features, weights=weights, weights_id=wid, device=dev)
+        _CACHE[key] = net
+        return net
+
+
+def clear_cache() -> None:
+    """Forget every loaded network (tests use it to exercise loading again)."""
+    with _LOCK:
+        _CACHE.clear()
+        _TRUNKS.clear()

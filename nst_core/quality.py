@@ -1,0 +1,94 @@
+"""A quality measure the optimisation does not see.
+
+An output is judged with a VGG-19 whose weights differ from the ones it was
+optimised against (by default seeded random weights ``random:1000``, or
+``random:1001`` when the optimisation itself used ``random:1000``), so a
+result cannot score well by exploiting the very network it was fitted to:
+
+* style distance: mean over the default style layers of the relative
+  per-position Gram error, ``sum (G/M - A/M_s)^2 / sum (A/M_s)^2``, leaving
+  out a layer whose feature map has fewer than ``MIN_GRAM_POSITIONS``
+  positions in the output or the style image (at 64 px, ``relu5_1`` is 4x3:
+  a Gram matrix over a dozen positions is noise, not a texture statistic);
+* content distance: the relative feature error at ``relu4_2``,
+  ``sum (F - P)^2 / sum P^2``.
+
+Both are the ``target``-normalised loss terms, measured by another network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nst_core.losses import content_loss, mean_gram, style_layer_loss
+from nst_core.network import Network, load_network
+from nst_core.params import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
+
+JUDGE_SEED = 1000
+MIN_GRAM_POSITIONS = 16
+
+
+def judge_weights(optimised_weights_id: str) -> str:
+    """Weights for judging, guaranteed to differ from ``optimised_weights_id``."""
+    seed = JUDGE_SEED if optimised_weights_id != f"random:{JUDGE_SEED}" else JUDGE_SEED + 1
+    return f"random:{seed}"
+
+
+def judge_network(optimised_weights_id: str, device: str | torch.device = "cpu") -> Network:
+    return load_network(judge_weights(optimised_weights_id), pooling="avg", device=device)
+
+
+@dataclass(frozen=True)
+class Quality:
+    style_distance: float
+    content_distance: float
+    judge_weights: str
+
+    def as_dict(self) -> dict[str, float | str]:
+        return {
+            "style_distance": self.style_distance,
+            "content_distance": self.content_distance,
+            "judge_weights": self.judge_weights,
+        }
+
+
+@torch.no_grad()
+def style_distance(network: Network, image: Tensor, style: Tensor) -> float:
+    """Mean relative Gram error of ``image`` ``[3, H, W]`` to ``style`` ``[3, h, w]``."""
+    layers = list(DEFAULT_STYLE_LAYERS)
+    f_img = network.features(image.unsqueeze(0).to(network.device), layers)
+    f_sty = network.features(style.unsqueeze(0).to(network.device), layers)
+    terms = [
+        style_layer_loss(f_img[n], mean_gram(f_sty[n]))
+        for n in layers
+        if min(_positions(f_img[n]), _positions(f_sty[n])) >= MIN_GRAM_POSITIONS
+    ]
+    if not terms:
+        raise ValueError("images too small to measure a style distance")
+    return float(torch.stack(terms).mean())
+
+
+def _positions(features: Tensor) -> int:
+    return features.shape[-2] * features.shape[-1]
+
+
+@torch.no_grad()
+def content_distance(network: Network, image: Tensor, content: Tensor) -> float:
+    """Relative ``relu4_2`` feature error of ``image`` to ``content`` (same height and width)."""
+    layers = list(DEFAULT_CONTENT_LAYERS)
+    f_img = network.features(image.unsqueeze(0).to(network.device), layers)
+    f_con = network.features(content.unsqueeze(0).to(network.device), layers)
+    return float(sum(content_loss(f_img[n], f_con[n]) for n in layers) / len(layers))
+
+
+def measure(image: Tensor, content: Tensor, style: Tensor, optimised_weights_id: str, device: str | torch.device = "cpu") -> Quality:
+    """Style and content distances of an output, judged by another network."""
+    net = judge_network(optimised_weights_id, device)
+    return Quality(
+        style_distance=style_distance(net, image.clamp(0, 1), style),
+        content_distance=content_distance(net, image.clamp(0, 1), content),
+        judge_weights=net.weights_id,
+    )
