@@ -197,14 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("style", help="style image: path or s3:// URI")
     p.add_argument("-o", "--output", required=True, help="output image (.png/.jpg/.webp), path or s3:// URI")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_style_flags(p)
+    add_style_flags(p, skip=("output_format",))  # the format follows -o's extension
     p.set_defaults(func=cmd_stylize)
 
     p = sub.add_parser("reconstruct", help="reconstruct an image from noise by its content or style representation (Figure 1)")
     p.add_argument("image", help="image: path or s3:// URI")
     p.add_argument("-o", "--output", required=True, help="output image")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_style_flags(p)
+    add_style_flags(p, skip=("output_format",))
     p.set_defaults(func=cmd_reconstruct)
 
     for name, func, helptext in (

@@ -13,7 +13,10 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +33,10 @@ from nst_core.params import StyleParams
 
 ENGINE_VERSION = "1"
 """Algorithm version: bumped only when the same inputs would give a different image."""
+
+
+class TimeLimitExceeded(RuntimeError):
+    """The optimisation ran past its ``time_limit_s``."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,37 @@ def style_targets(network: Network, style: Tensor, layers: Sequence[str]) -> dic
     return {name: mean_gram(feats[name]) for name in layers}
 
 
+class StyleTargetCache:
+    """Style targets kept across items (an LRU of ``max_entries``), keyed by everything they depend on.
+
+    The key is the style tensor's bytes (so its size and scale), the layers, the
+    network's weights id, pooling and device.
+    """
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[object, ...], dict[str, Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, network: Network, style: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        digest = hashlib.sha256(style.contiguous().numpy().tobytes()).hexdigest()
+        key = (digest, tuple(style.shape), tuple(layers), network.weights_id, network.features.pooling, str(network.device))
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+        targets = style_targets(network, style, layers)
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = targets
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return targets
+
+
 @torch.no_grad()
 def content_targets(network: Network, content: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
     """Features ``P`` of a content image ``[3, H, W]``, each ``[1, C, h, w]``."""
@@ -127,6 +165,7 @@ def optimise(
     style: dict[str, Tensor],
     *,
     callback: Callback | None = None,
+    time_limit_s: float | None = None,
 ) -> tuple[Tensor, list[list[dict[str, float]]], float]:
     """Optimise a batch ``init`` ``[B, 3, H, W]`` against per-item targets.
 
@@ -137,6 +176,7 @@ def optimise(
     ``params.iterations`` loss evaluations are made; the optimiser steps after
     each but the last, so the returned image is the one whose loss was
     measured last. Returns the images, each item's history and the wall time.
+    Raises :class:`TimeLimitExceeded` past ``time_limit_s`` seconds.
     """
     start = time.perf_counter()
     loss_fn = GatysLoss(loss_weights(params), content, style)
@@ -154,6 +194,8 @@ def optimise(
         if callback is not None and (i % params.progress_every == 0 or i == params.iterations):
             elapsed = time.perf_counter() - start
             callback(IterationInfo(i, params.iterations, _item_losses(names, steps[-1]), elapsed, x.detach()))
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            raise TimeLimitExceeded(f"timeout: stopped after {i} of {params.iterations} iterations ({time_limit_s:g} s limit)")
         if i < params.iterations:
             optimizer.step(x, grad)
     histories = _histories(["iteration", *names], steps, x.shape[0])
@@ -212,12 +254,15 @@ def stylize(
     network: Network | None = None,
     weights_path: str | None = None,
     callback: Callback | None = None,
+    cache: StyleTargetCache | None = None,
+    time_limit_s: float | None = None,
 ) -> StyleResult:
     """Stylise one content image with one style image.
 
     Images are RGB PIL images (see :func:`nst_core.images.load_image`).
     ``network`` defaults to the cached VGG-19 for ``params.weights``;
-    ``weights_path`` is the local copy of a remote weights file.
+    ``weights_path`` is the local copy of a remote weights file; ``cache``
+    reuses style targets across calls.
     """
     params = params or StyleParams()
     if network is None:
@@ -230,8 +275,13 @@ def stylize(
         )
     content_t, style_t, init_t = prepare_images(params, content, style, init_image)
     p_content = content_targets(network, content_t, params.content_layers)
-    a_style = style_targets(network, style_t, params.style_layers)
-    out, histories, wall = optimise(network, params, init_t.unsqueeze(0), p_content, a_style, callback=callback)
+    if cache is not None:
+        a_style = cache.get(network, style_t, params.style_layers)
+    else:
+        a_style = style_targets(network, style_t, params.style_layers)
+    out, histories, wall = optimise(
+        network, params, init_t.unsqueeze(0), p_content, a_style, callback=callback, time_limit_s=time_limit_s
+    )
     return StyleResult(
         image=out[0].clamp(0, 1).cpu(),
         history=histories[0],

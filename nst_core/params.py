@@ -76,6 +76,7 @@ class StyleParams(BaseModel):
     style_layer_weights: tuple[float, ...] | None = Field(None, description="w_l per style layer (default: equal, 1/len(style_layers)).")
     pooling: Literal["avg", "max"] = Field("avg", description="Pooling in VGG-19: 'avg' (the paper's choice) or 'max'.")
     style_scale: float = Field(1.0, gt=0, le=8, description="Style image size relative to the output size.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image format of the stylised output in the pipeline.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' (CUDA when present), 'cpu' or 'cuda:N'. Does not change the result's identity.")
     max_pixels: int = Field(40_000_000, ge=1, le=1_000_000_000, description="Refuse input images with more pixels than this (decompression bombs).")
     progress_every: int = Field(10, ge=1, le=100_000, description="Call the progress callback every N iterations.")

@@ -1,0 +1,147 @@
+"""The flow data teams run: a CSV manifest in, stylised images, losses and metadata out.
+
+Orchestration only: read and validate the manifest, resolve rows to
+content-addressed items chunk by chunk, fan the items out to ``gpu``-tagged
+tasks, collect the outcomes into the results table and Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+from pydantic import Field
+
+from nst_core import storage
+from nst_core.manifest import ManifestError
+from nst_core.params import StyleParams
+from tasks.results import ResultsWriter, run_name
+from tasks.stylize import Outcome, Work, outcome_for_invalid, outcome_for_row, read_manifest, resolve_items, stylize_item
+
+TABLE_ARTIFACT_ROWS = 1000  # the results table artifact shows the first rows; the files have all
+
+
+def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+def _check_output(output_uri: str, allow_local_paths: bool) -> None:
+    parsed = storage.parse_uri(output_uri)  # refuses unsupported schemes
+    if parsed.scheme != "s3" and not allow_local_paths:
+        raise ManifestError(f"output_uri {output_uri!r}: local paths are refused (allow_local_paths is off)")
+
+
+def _summary_markdown(summary: dict[str, Any], failures: list[Outcome]) -> str:
+    counts = summary["counts"]
+    lines = [
+        f"# Stylize run `{summary['run']}`",
+        "",
+        f"- manifest: `{summary['manifest_uri']}`",
+        f"- outputs: `{summary['run_folder']}`",
+        f"- results: `{summary['run_folder']}/results.csv` (and `.parquet`)",
+        f"- rows: {summary['rows']}; succeeded {counts['succeeded']}, cached {counts['cached']}, "
+        f"failed {counts['failed']}, invalid {counts['invalid']}",
+        f"- wall time: {summary['wall_time_s']:.1f} s",
+    ]
+    if summary.get("random_weights"):
+        lines += ["", "**WARNING: untrained random VGG-19 weights were used (`random:N`); outputs are smoke-test quality.**"]
+    if failures:
+        lines += ["", "## Failed and invalid rows (first 50)", "", "| row | id | status | error |", "|---|---|---|---|"]
+        for o in failures[:50]:
+            error = o.error.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {o.row} | {o.id} | {o.status} | {error} |")
+    return "\n".join(lines)
+
+
+@flow(name="stylize_manifest", description="Stylise every row of a CSV manifest (Gatys et al. 2015, VGG-19).")
+def stylize_manifest(
+    manifest_uri: Annotated[str, Field(description="The manifest CSV: s3://bucket/key (or a local path when allowed).")],
+    output_uri: Annotated[str, Field(description="Where outputs go: s3://bucket/prefix (or a local folder when allowed).")],
+    defaults: Annotated[StyleParams, Field(description="Style parameters for every row; the manifest's own columns override them.")] = StyleParams(),
+    strict: Annotated[bool, Field(description="Fail the run before any work when any row is invalid.")] = False,
+    force: Annotated[bool, Field(description="Redo items that are already done.")] = False,
+    max_items: Annotated[int | None, Field(ge=1, description="Only the first N manifest rows.")] = None,
+    allow_local_paths: Annotated[bool, Field(description="Allow local paths (not only s3://) for the manifest, inputs and outputs.")] = False,
+    item_timeout_s: Annotated[float, Field(gt=0, description="Fail an item whose optimisation runs longer than this.")] = 3600.0,
+    chunk_size: Annotated[int, Field(ge=1, le=10_000, description="Rows resolved and submitted together; bounds the task runs in flight.")] = 64,
+    retries: Annotated[int, Field(ge=0, le=20, description="Task retries on transient storage errors.")] = 2,
+    retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay between task retries.")] = 10.0,
+) -> Any:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    _check_output(output_uri, allow_local_paths)
+    manifest = read_manifest(manifest_uri, defaults, allow_local_paths, max_items)
+    if strict and manifest.invalid:
+        first = "; ".join(bad.error for bad in manifest.invalid[:5])
+        raise ManifestError(f"strict: {len(manifest.invalid)} invalid row(s), nothing was run. {first}")
+    run = run_name(flow_run.get_name())
+    writer = ResultsWriter(output_uri, run)
+    writer.add([outcome_for_invalid(bad) for bad in manifest.invalid])
+    for bad in manifest.invalid:
+        logger.warning("invalid %s", bad.error)
+    total = max(manifest.total, 1)
+    progress_id = create_progress_artifact(progress=100.0 * len(manifest.invalid) / total, key=None, description="rows finished")
+    stylize = stylize_item.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+    resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+    random_weights = False
+    for chunk in _chunks(manifest.rows, chunk_size):
+        resolved = resolve(chunk, output_uri, force)
+        # Rows with the same item id share one computation.
+        first_of: dict[str, Work] = {}
+        for r in resolved:
+            if isinstance(r, Work):
+                first_of.setdefault(r.item_id, r)
+        futures = {iid: stylize.submit(work, output_uri, item_timeout_s) for iid, work in first_of.items()}
+        computed: dict[str, Outcome] = {}
+        for iid, future in futures.items():
+            work = first_of[iid]
+            try:
+                computed[iid] = future.result()
+            except Exception as exc:  # retries exhausted, or an unexpected error: this item fails alone
+                computed[iid] = outcome_for_row(work.row, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__, item_id=iid)
+        outcomes: list[Outcome] = []
+        for r in resolved:
+            if isinstance(r, Outcome):
+                outcomes.append(r)
+                continue
+            done = computed[r.item_id]
+            if done.row == r.row.row:
+                outcomes.append(done)
+            else:  # a duplicate of an item computed for an earlier row
+                outcomes.append(outcome_for_row(r.row, done.status, error=done.error, item_id=done.item_id, output_uri=done.output_uri,
+                                                iterations=done.iterations, duration_s=done.duration_s, device=done.device,
+                                                weights_id=done.weights_id, losses=done.losses))
+        random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
+        writer.add(outcomes)
+        update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)
+    counts = writer.counts()
+    summary: dict[str, Any] = {
+        "run": run,
+        "run_folder": writer.folder,
+        "manifest_uri": storage.sanitize_uri(manifest_uri),
+        "output_uri": storage.sanitize_uri(output_uri),
+        "rows": manifest.total,
+        "counts": counts,
+        "wall_time_s": time.perf_counter() - started,
+        "random_weights": random_weights,
+    }
+    summary.update(writer.finish(summary))
+    failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
+    create_table_artifact(
+        table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],
+        key="stylize-results",
+        description=f"Results of run {run} (first {TABLE_ARTIFACT_ROWS} rows; all rows in {summary['results_csv']})",
+    )
+    create_markdown_artifact(markdown=_summary_markdown(summary, failures), key="stylize-summary", description=f"Run {run}")
+    message = (
+        f"{counts['succeeded']} succeeded, {counts['cached']} cached, {counts['failed']} failed, "
+        f"{counts['invalid']} invalid; results in {summary['results_csv']}"
+    )
+    logger.info(message)
+    if counts["failed"]:
+        return Failed(message=message, data=summary)
+    return Completed(message=message, data=summary)

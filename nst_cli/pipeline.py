@@ -1,0 +1,171 @@
+"""``nst run``, ``nst validate`` and ``nst demo``: the commands that use the Prefect flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from nst_cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
+
+# Seconds per iteration at 512 px with L-BFGS, for the plan's device-hours estimate
+# (measured: see README, benchmarks/engine.py). Scales with pixel count.
+SECONDS_PER_ITERATION_512 = {"cpu": 4.0, "cuda": 0.03}
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quiet_prefect_env() -> None:
+    """Defaults for running the flow on Prefect's ephemeral server on a small machine."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def _defaults(sets: dict[str, str]):
+    return build_params(sets)
+
+
+def estimate_device_hours(rows: list[Any], device: str) -> float:
+    per_it = SECONDS_PER_ITERATION_512["cuda" if device.startswith("cuda") else "cpu"]
+    seconds = sum(per_it * (r.params.size / 512) ** 2 * r.params.iterations for r in rows)
+    return seconds / 3600.0
+
+
+def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
+    """The plan, without running: valid, invalid (with reasons), cached, to do, styles, device-hours."""
+    import torch
+
+    from nst_core import storage
+    from nst_core.manifest import load_manifest
+    from tasks.stylize import Outcome, Work, resolve_items
+
+    defaults = _defaults(sets)
+    manifest = load_manifest(args.manifest, defaults=defaults, allow_local_paths=not args.no_local_paths)
+    cached = failed = 0
+    todo: list[Work] = []
+    if args.output:
+        resolved = resolve_items.fn(manifest.rows, args.output, False)
+        todo = [r for r in resolved if isinstance(r, Work)]
+        cached = sum(1 for r in resolved if isinstance(r, Outcome) and r.status == "cached")
+        failed = [r for r in resolved if isinstance(r, Outcome) and r.status == "failed"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows_todo = [w.row for w in todo] if args.output else manifest.rows
+    plan = {
+        "manifest": storage.sanitize_uri(args.manifest),
+        "rows": manifest.total,
+        "valid": len(manifest.rows),
+        "invalid": len(manifest.invalid),
+        "cached": cached if args.output else None,
+        "unreadable": len(failed) if args.output else None,
+        "to_do": len({w.item_id for w in todo}) if args.output else len(manifest.rows),
+        "distinct_styles": len({r.style_uri for r in manifest.rows}),
+        "estimated_device_hours": round(estimate_device_hours(rows_todo, device), 4),
+        "estimate_device": device,
+        "invalid_rows": [{"row": b.row, "id": b.id, "column": b.column, "reason": b.reason} for b in manifest.invalid],
+    }
+    if args.output is None:
+        plan["note"] = "pass --output to count items already done (reads and hashes every input)"
+    print(f"manifest {plan['manifest']}: {plan['rows']} rows, {plan['valid']} valid, {plan['invalid']} invalid")
+    for bad in manifest.invalid:
+        print(f"  invalid: {bad.error}")
+    if args.output:
+        print(f"  already done (cached): {cached}; unreadable inputs: {len(failed)}; to do: {plan['to_do']} items")
+        for f in failed:
+            print(f"  unreadable: row {f.row}: {f.error}")
+    print(f"  distinct styles: {plan['distinct_styles']}; estimated {plan['estimated_device_hours']:.3f} device-hours on {device}")
+    if getattr(args, "json", False):
+        print(json.dumps(plan, indent=2))
+    if args.strict and manifest.invalid:
+        return EXIT_FAILED
+    return EXIT_OK if not manifest.invalid else EXIT_FAILED
+
+
+def print_summary(summary: dict[str, Any], outcomes_csv: str | None = None) -> None:
+    counts = summary["counts"]
+    width = max(len(k) for k in counts)
+    print(f"run {summary['run']}: {summary['rows']} rows in {summary['wall_time_s']:.1f} s")
+    for status, n in counts.items():
+        print(f"  {status:<{width}}  {n}")
+    print(f"results: {summary['results_csv']}")
+    print(f"         {summary['results_parquet']}")
+    print(f"items:   {summary['output_uri'].rstrip('/')}/items/<item_id>/ (stylized image, loss.csv, loss.png, meta.json)")
+    if summary.get("random_weights"):
+        print("WARNING: untrained random VGG-19 weights (random:N) were used; every output records this.")
+
+
+def _run_flow(manifest: str, output: str, defaults, *, strict: bool, force: bool, max_items: int | None, allow_local_paths: bool) -> tuple[int, dict[str, Any] | None]:
+    _quiet_prefect_env()
+    from flows.stylize_manifest import stylize_manifest
+    from nst_core.manifest import ManifestError
+    from nst_core.storage import StorageError
+
+    state = stylize_manifest(
+        manifest_uri=manifest,
+        output_uri=output,
+        defaults=defaults,
+        strict=strict,
+        force=force,
+        max_items=max_items,
+        allow_local_paths=allow_local_paths,
+        return_state=True,
+    )
+    try:
+        summary = state.result(raise_on_failure=False)
+    except Exception as exc:  # pragma: no cover - defensive
+        summary = exc
+    if isinstance(summary, (ManifestError, StorageError, ValueError)):
+        raise UsageError(str(summary))
+    if isinstance(summary, BaseException):
+        print(f"nst: error: the run failed: {summary}", file=sys.stderr)
+        return EXIT_FAILED, None
+    if not isinstance(summary, dict):
+        print(f"nst: error: the run ended {state.type.value}: {state.message}", file=sys.stderr)
+        return EXIT_FAILED, None
+    counts = summary["counts"]
+    code = EXIT_OK if counts["failed"] == 0 and counts["invalid"] == 0 else EXIT_FAILED
+    return code, summary
+
+
+def run_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
+    defaults = _defaults(sets)
+    code, summary = _run_flow(
+        args.manifest, args.output, defaults,
+        strict=args.strict, force=args.force, max_items=args.max_items, allow_local_paths=not args.no_local_paths,
+    )  # fmt: skip
+    if summary is not None:
+        print_summary(summary)
+    return code
+
+
+def demo(args: argparse.Namespace) -> int:
+    """The README's main job: the sample manifest, end to end, on the embedded defaults."""
+    from nst_core.network import WeightsError, load_network
+
+    manifest = REPO_ROOT / "manifests" / "samples.csv"
+    if not SAMPLE_IMAGES.is_dir():
+        raise UsageError(f"sample images not found at {SAMPLE_IMAGES}")
+    weights = "imagenet"
+    try:
+        load_network("imagenet", device="cpu")
+    except WeightsError as exc:
+        weights = "random:0"
+        bar = "!" * 78
+        print(f"{bar}\n{exc}\nThe demo goes on with weights=random:0 (UNTRAINED): outputs show the pipeline, not\n"
+              f"ImageNet-quality style transfer, and every output records this.\n{bar}", file=sys.stderr)  # fmt: skip
+    defaults = build_params({"size": args.size, "iterations": args.iterations, "weights": weights})
+    output = os.path.abspath(args.output)
+    print(f"nst demo: {manifest.name} (4 pairs) at {args.size} px, {args.iterations} iterations, weights={weights}")
+    code, summary = _run_flow(str(manifest), output, defaults, strict=False, force=False, max_items=None, allow_local_paths=True)
+    if summary is None:
+        return code
+    print_summary(summary)
+    print(f"stylised images and loss plots (loss.png) are in {output}/items/*/")
+    return code
+
+
+__all__ = ["EXIT_USAGE", "demo", "run_manifest", "validate_manifest"]
