@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+import threading
+
+# matplotlib's text layout (pyparsing) is not thread-safe; tasks plot from several threads.
+_PLOT_LOCK = threading.Lock()
 
 
 def columns(history: list[dict[str, float]]) -> list[str]:
@@ -25,6 +29,11 @@ def to_csv(history: list[dict[str, float]]) -> bytes:
 
 def to_png(history: list[dict[str, float]], title: str = "loss") -> bytes:
     """One line per term (weighted total and the unweighted terms), log scale."""
+    with _PLOT_LOCK:
+        return _plot(history, title)
+
+
+def _plot(history: list[dict[str, float]], title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
