@@ -114,7 +114,8 @@ def stylize_manifest(
             else:  # a duplicate of an item computed for an earlier row
                 outcomes.append(outcome_for_row(r.row, done.status, error=done.error, item_id=done.item_id, output_uri=done.output_uri,
                                                 iterations=done.iterations, duration_s=done.duration_s, device=done.device,
-                                                weights_id=done.weights_id, losses=done.losses))
+                                                weights_id=done.weights_id, losses=done.losses,
+                                                style_distance=done.style_distance, content_distance=done.content_distance))
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
         writer.add(outcomes)
         update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)

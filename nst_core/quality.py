@@ -19,13 +19,17 @@ Both are the ``target``-normalised loss terms, measured by another network.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from nst_core.losses import content_loss, mean_gram, style_layer_loss
 from nst_core.network import Network, load_network
-from nst_core.params import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
+from nst_core.params import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 JUDGE_SEED = 1000
 MIN_GRAM_POSITIONS = 16
@@ -92,3 +96,11 @@ def measure(image: Tensor, content: Tensor, style: Tensor, optimised_weights_id:
         content_distance=content_distance(net, image.clamp(0, 1), content),
         judge_weights=net.weights_id,
     )
+
+
+def measure_result(image: Tensor, content: "Image.Image", style: "Image.Image", params: StyleParams, optimised_weights_id: str, device: str | torch.device = "cpu") -> Quality:
+    """:func:`measure` for an engine output, with content and style prepared as the engine prepared them."""
+    from nst_core.engine import prepare_images
+
+    content_t, style_t, _ = prepare_images(params.with_overrides(init="content"), content, style)
+    return measure(image, content_t, style_t, optimised_weights_id, device)

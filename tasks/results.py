@@ -21,7 +21,8 @@ from tasks.stylize import STATUSES, Outcome
 
 BASE_COLUMNS = [
     "id", "row", "status", "error", "item_id", "output_uri", "content_uri", "style_uri",
-    "loss_total", "loss_content", "loss_style", "loss_tv", "iterations", "duration_s", "device", "weights_id",
+    "loss_total", "loss_content", "loss_style", "loss_tv", "style_distance", "content_distance",
+    "iterations", "duration_s", "device", "weights_id",
 ]  # fmt: skip
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

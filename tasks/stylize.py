@@ -21,7 +21,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from nst_core import engine, history, images, items, storage
+from nst_core import engine, history, images, items, quality, storage
 from nst_core.errors import NSTError
 from nst_core.manifest import InvalidRow, Manifest, RowSpec, load_manifest
 from nst_core.network import WeightsSpec, load_network, resolve_device
@@ -58,6 +58,8 @@ class Outcome:
     device: str = ""
     weights_id: str = ""
     losses: dict[str, float] = field(default_factory=dict)
+    style_distance: float | None = None  # quality score (nst_core.quality), lower is better
+    content_distance: float | None = None
     meta: dict[str, str] = field(default_factory=dict)
 
     def as_row(self) -> dict[str, Any]:
@@ -172,6 +174,8 @@ def cached_outcome(work: Work, output_uri: str, meta: dict[str, Any], status: st
         device=str(meta.get("device", "")),
         weights_id=str(meta.get("weights", {}).get("id", work.weights_id)),
         losses=dict(meta.get("final_losses", {})),
+        style_distance=meta.get("quality", {}).get("style_distance"),
+        content_distance=meta.get("quality", {}).get("content_distance"),
     )
 
 
@@ -217,6 +221,8 @@ def stylize_item(work: Work, output_uri: str, time_limit_s: float | None = None)
                 cache=STYLE_CACHE,
                 time_limit_s=time_limit_s,
             )
+            # Judged by a VGG-19 with other weights than the optimised one (see nst_core.quality).
+            score = quality.measure_result(result.image, loaded["content"], loaded["style"], params, result.weights_id, network.device)
     except storage.StorageError as exc:
         if exc.transient:
             raise
@@ -240,6 +246,7 @@ def stylize_item(work: Work, output_uri: str, time_limit_s: float | None = None)
         weights_id=result.weights_id,
         result=result,
         paths=paths,
+        extra={"quality": score.as_dict()},
     )
     storage.write_bytes(paths.meta, items.meta_bytes(meta), "application/json")  # last: the item is done
     get_run_logger().info("item %s (row %s) done in %.1f s on %s", row.id, row.row, result.wall_time_s, result.device)
