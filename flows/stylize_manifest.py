@@ -16,17 +16,58 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from pydantic import Field
 
-from nst_core import storage
+from flows.hooks import describe_parameters, notify_failure
+from nst_core import images, storage
 from nst_core.manifest import ManifestError
 from nst_core.params import StyleParams
 from tasks.results import ResultsWriter, run_name
-from tasks.stylize import Outcome, Work, outcome_for_invalid, outcome_for_row, read_manifest, resolve_items, stylize_item
+from tasks.stylize import Outcome, Work, outcome_for_invalid, outcome_for_row, read_manifest, resolve_items, stylize_items
 
 TABLE_ARTIFACT_ROWS = 1000  # the results table artifact shows the first rows; the files have all
 
 
 def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+def plan_batches(works: list[Work], batch_size: int) -> list[list[Work]]:
+    """Group compatible items (same parameters, same size at every stage) into batches of at most ``batch_size``.
+
+    ``batch_size=0`` picks one: 1 on a CPU-only machine (batching does not speed up a
+    compute-bound CPU), else what the first GPU's free memory holds.
+    """
+    groups: dict[tuple[object, ...], list[Work]] = {}
+    for work in works:
+        groups.setdefault(work.batch_key(), []).append(work)
+    batches: list[list[Work]] = []
+    for group in groups.values():
+        size = batch_size or auto_batch_size(group[0])
+        batches += _chunks(group, max(1, size))
+    return batches
+
+
+def auto_batch_size(work: Work) -> int:
+    import torch
+
+    from nst_core.engine import estimate_item_bytes
+
+    if not torch.cuda.is_available() or work.content_size is None:
+        return 1
+    free, _ = torch.cuda.mem_get_info()
+    side = work.row.params.size
+    width, height = images.fitted_size(*work.content_size, side)
+    return int(max(1, min(64, 0.7 * free // estimate_item_bytes(height, width, work.row.params))))
+
+
+def for_row(done: Outcome, work: Work) -> Outcome:
+    """The outcome of ``work``'s row, given the outcome of the computation it shares."""
+    if done.row == work.row.row:
+        return done
+    return outcome_for_row(
+        work.row, done.status, error=done.error, item_id=done.item_id, output_uri=done.output_uri,
+        iterations=done.iterations, duration_s=done.duration_s, device=done.device, weights_id=done.weights_id,
+        losses=done.losses, style_distance=done.style_distance, content_distance=done.content_distance,
+    )  # fmt: skip
 
 
 def _check_output(output_uri: str, allow_local_paths: bool) -> None:
@@ -57,7 +98,8 @@ def _summary_markdown(summary: dict[str, Any], failures: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="stylize_manifest", description="Stylise every row of a CSV manifest (Gatys et al. 2015, VGG-19).")
+@flow(name="stylize_manifest", description="Stylise every row of a CSV manifest (Gatys et al. 2015, VGG-19).", on_failure=[notify_failure], on_crashed=[notify_failure])
+@describe_parameters
 def stylize_manifest(
     manifest_uri: Annotated[str, Field(description="The manifest CSV: s3://bucket/key (or a local path when allowed).")],
     output_uri: Annotated[str, Field(description="Where outputs go: s3://bucket/prefix (or a local folder when allowed).")],
@@ -67,6 +109,7 @@ def stylize_manifest(
     max_items: Annotated[int | None, Field(ge=1, description="Only the first N manifest rows.")] = None,
     allow_local_paths: Annotated[bool, Field(description="Allow local paths (not only s3://) for the manifest, inputs and outputs.")] = False,
     item_timeout_s: Annotated[float, Field(gt=0, description="Fail an item whose optimisation runs longer than this.")] = 3600.0,
+    batch_size: Annotated[int, Field(ge=0, le=256, description="Items optimised together when their size and parameters match; 0 = automatic (1 on CPU, from free GPU memory on CUDA).")] = 0,
     chunk_size: Annotated[int, Field(ge=1, le=10_000, description="Rows resolved and submitted together; bounds the task runs in flight.")] = 64,
     retries: Annotated[int, Field(ge=0, le=20, description="Task retries on transient storage errors.")] = 2,
     retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay between task retries.")] = 10.0,
@@ -85,37 +128,26 @@ def stylize_manifest(
         logger.warning("invalid %s", bad.error)
     total = max(manifest.total, 1)
     progress_id = create_progress_artifact(progress=100.0 * len(manifest.invalid) / total, key=None, description="rows finished")
-    stylize = stylize_item.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+    stylize = stylize_items.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
     resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
     random_weights = False
     for chunk in _chunks(manifest.rows, chunk_size):
         resolved = resolve(chunk, output_uri, force)
-        # Rows with the same item id share one computation.
+        # Rows with the same item id share one computation; compatible items share a batch.
         first_of: dict[str, Work] = {}
         for r in resolved:
             if isinstance(r, Work):
                 first_of.setdefault(r.item_id, r)
-        futures = {iid: stylize.submit(work, output_uri, item_timeout_s) for iid, work in first_of.items()}
+        batches = plan_batches(list(first_of.values()), batch_size)
+        futures = [stylize.submit(batch, output_uri, item_timeout_s) for batch in batches]
         computed: dict[str, Outcome] = {}
-        for iid, future in futures.items():
-            work = first_of[iid]
+        for batch, future in zip(batches, futures, strict=True):
             try:
-                computed[iid] = future.result()
-            except Exception as exc:  # retries exhausted, or an unexpected error: this item fails alone
-                computed[iid] = outcome_for_row(work.row, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__, item_id=iid)
-        outcomes: list[Outcome] = []
-        for r in resolved:
-            if isinstance(r, Outcome):
-                outcomes.append(r)
-                continue
-            done = computed[r.item_id]
-            if done.row == r.row.row:
-                outcomes.append(done)
-            else:  # a duplicate of an item computed for an earlier row
-                outcomes.append(outcome_for_row(r.row, done.status, error=done.error, item_id=done.item_id, output_uri=done.output_uri,
-                                                iterations=done.iterations, duration_s=done.duration_s, device=done.device,
-                                                weights_id=done.weights_id, losses=done.losses,
-                                                style_distance=done.style_distance, content_distance=done.content_distance))
+                computed.update({o.item_id: o for o in future.result()})
+            except Exception as exc:  # retries exhausted, or an unexpected error: only this batch fails
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                computed.update({w.item_id: outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in batch})
+        outcomes = [r if isinstance(r, Outcome) else for_row(computed[r.item_id], r) for r in resolved]
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
         writer.add(outcomes)
         update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)

@@ -45,7 +45,7 @@ def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -
         if name in skip:
             continue
         default = info.default
-        shown = "|".join(default) if isinstance(default, tuple) else default
+        shown = "|".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="long side in pixels (default 96)")
     p.add_argument("--iterations", type=int, default=60, help="iterations per item (default 60)")
     p.set_defaults(func=cmd_demo)
+    __import__("nst_cli.serve").serve.register(sub)  # `nst serve`: the deployments (nst_cli/serve.py)
     return parser
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -28,7 +29,7 @@ from nst_core import images
 from nst_core.errors import ImageError
 from nst_core.losses import GatysLoss, LossWeights, mean_gram
 from nst_core.network import Network, load_network, min_image_side, resolve_device
-from nst_core.optim import make_optimizer
+from nst_core.optim import LBFGS_HISTORY, make_optimizer
 from nst_core.params import StyleParams
 
 ENGINE_VERSION = "1"
@@ -69,7 +70,7 @@ class StyleResult:
 
     @property
     def final_losses(self) -> dict[str, float]:
-        return {k: v for k, v in self.history[-1].items() if k != "iteration"} if self.history else {}
+        return {k: v for k, v in self.history[-1].items() if k not in ("iteration", "size")} if self.history else {}
 
     def to_pil(self) -> Image.Image:
         return images.to_pil(self.image)
@@ -89,7 +90,7 @@ def loss_weights(params: StyleParams) -> LossWeights:
 @torch.no_grad()
 def style_targets(network: Network, style: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
     """Per-position Gram matrices ``A / M`` of a style image ``[3, H, W]``, each ``[1, N, N]``."""
-    feats = network.features(style.unsqueeze(0).to(network.device), list(layers))
+    feats = features(network, style.unsqueeze(0).to(network.device), list(layers))
     return {name: mean_gram(feats[name]) for name in layers}
 
 
@@ -127,7 +128,7 @@ class StyleTargetCache:
 @torch.no_grad()
 def content_targets(network: Network, content: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
     """Features ``P`` of a content image ``[3, H, W]``, each ``[1, C, h, w]``."""
-    feats = network.features(content.unsqueeze(0).to(network.device), list(layers))
+    feats = features(network, content.unsqueeze(0).to(network.device), list(layers))
     return {name: feats[name] for name in layers}
 
 
@@ -150,11 +151,35 @@ def initial_image(params: StyleParams, content: Tensor, style: Tensor | None = N
     return image.clone()
 
 
+TOLERANCE_WINDOW = 10
+"""Early stopping compares an item's total loss with its value this many iterations earlier."""
+
+
 def _rows(iteration: int, terms: dict[str, Tensor]) -> Tensor:
     """Stack a step's loss terms into ``[n_terms + 1, B]`` without leaving the device."""
     values = list(terms.values())
     it = torch.full_like(values[0], float(iteration))
     return torch.stack([it, *values]).detach()
+
+
+def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str]) -> dict[str, Tensor]:
+    """The network's features of ``x``; on CUDA the convolutions run in bf16, the results return as fp32."""
+    if network.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            feats = network.features(x.contiguous(memory_format=torch.channels_last), layers)
+        return {name: f.float() for name, f in feats.items()}
+    return network.features(x, layers)
+
+
+@dataclass
+class Optimised:
+    """What :func:`optimise` returns for a batch."""
+
+    images: Tensor  # [B, 3, H, W], on the device, not clamped
+    histories: list[list[dict[str, float]]]
+    stop_iterations: list[int]  # per item: the evaluation it stopped at
+    stop_reasons: list[str]
+    wall_time_s: float
 
 
 def optimise(
@@ -164,42 +189,71 @@ def optimise(
     content: dict[str, Tensor],
     style: dict[str, Tensor],
     *,
+    iterations: int | None = None,
     callback: Callback | None = None,
     time_limit_s: float | None = None,
-) -> tuple[Tensor, list[list[dict[str, float]]], float]:
+    first_iteration: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Optimised:
     """Optimise a batch ``init`` ``[B, 3, H, W]`` against per-item targets.
 
     ``content`` maps each content layer to ``[B|1, ...]`` features, ``style``
     each style layer to ``[B|1, N, N]`` per-position Grams. ``params``
     (everything but images and seed) is shared by the batch.
 
-    ``params.iterations`` loss evaluations are made; the optimiser steps after
-    each but the last, so the returned image is the one whose loss was
-    measured last. Returns the images, each item's history and the wall time.
-    Raises :class:`TimeLimitExceeded` past ``time_limit_s`` seconds.
+    ``iterations`` (default ``params.iterations``) loss evaluations are made;
+    the optimiser steps after each but the last, so the returned image is the
+    one whose loss was measured last. With ``params.tolerance`` > 0 an item
+    stops once its total loss fell by less than that fraction over
+    :data:`TOLERANCE_WINDOW` iterations; a stopped item's pixels no longer
+    change (the batch runs on while any item is active), so an item's result
+    does not depend on its batch. Raises :class:`TimeLimitExceeded` past
+    ``time_limit_s`` seconds.
     """
     start = time.perf_counter()
+    n_iterations = params.iterations if iterations is None else iterations
     loss_fn = GatysLoss(loss_weights(params), content, style)
     layers = loss_fn.weights.layers
-    x = init.detach().to(network.device, torch.float32).clone().requires_grad_(True)
+    x = init.detach().to(network.device, dtype).clone().requires_grad_(True)
+    batch = x.shape[0]
     optimizer = make_optimizer(params.optimizer, x, params.effective_lr)
     names: list[str] = []
     steps: list[Tensor] = []
-    for i in range(1, params.iterations + 1):
+    active = torch.ones(batch, dtype=torch.bool, device=x.device)
+    stop_at = [n_iterations] * batch
+    reasons = ["iterations"] * batch
+    last = first_iteration + n_iterations - 1
+    for k, i in enumerate(range(first_iteration, last + 1), start=1):
         with torch.enable_grad():
-            total, terms = loss_fn(network.features(x, layers), x)
+            total, terms = loss_fn(features(network, x, layers), x)
             (grad,) = torch.autograd.grad(total.sum(), x)
         names = names or list(terms)
         steps.append(_rows(i, terms))
-        if callback is not None and (i % params.progress_every == 0 or i == params.iterations):
+        if callback is not None and (i % params.progress_every == 0 or i == last):
             elapsed = time.perf_counter() - start
-            callback(IterationInfo(i, params.iterations, _item_losses(names, steps[-1]), elapsed, x.detach()))
+            callback(IterationInfo(i, last, _item_losses(names, steps[-1]), elapsed, x.detach()))
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-            raise TimeLimitExceeded(f"timeout: stopped after {i} of {params.iterations} iterations ({time_limit_s:g} s limit)")
-        if i < params.iterations:
+            raise TimeLimitExceeded(f"timeout: stopped after {i} of {last} iterations ({time_limit_s:g} s limit)")
+        if params.tolerance > 0 and k > TOLERANCE_WINDOW and k % TOLERANCE_WINDOW == 0:
+            now, before = steps[-1][1], steps[-1 - TOLERANCE_WINDOW][1]  # total loss rows
+            converged = (before - now) <= params.tolerance * before.abs()
+            newly = (converged & active).cpu().tolist()
+            for b, done in enumerate(newly):
+                if done:
+                    stop_at[b] = k
+                    reasons[b] = f"converged: total loss fell < {params.tolerance:g} over {TOLERANCE_WINDOW} iterations"
+            active = active & ~converged
+            if not bool(active.any()):
+                break
+        if k < n_iterations:
+            frozen = x.detach()[~active].clone() if not bool(active.all()) else None
             optimizer.step(x, grad)
-    histories = _histories(["iteration", *names], steps, x.shape[0])
-    return x.detach(), histories, time.perf_counter() - start
+            if frozen is not None:
+                with torch.no_grad():
+                    x[~active] = frozen
+    histories = _histories(["iteration", *names], steps, batch)
+    histories = [h[: stop_at[b]] for b, h in enumerate(histories)]
+    return Optimised(x.detach(), histories, stop_at, reasons, time.perf_counter() - start)
 
 
 def _item_losses(names: list[str], row: Tensor) -> list[dict[str, float]]:
@@ -227,13 +281,15 @@ def prepare_images(
     content: Image.Image,
     style: Image.Image,
     init_image: Image.Image | None = None,
+    long_side: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Resize content (long side ``size``), style (``size * style_scale``) and the start image.
+    """Resize content (long side ``long_side``, default ``size``), style (that times ``style_scale``) and the start.
 
     Returns content ``[3, H, W]``, style ``[3, h, w]`` and the start image ``[3, H, W]``.
     """
-    content_t = images.resized_tensor(content, long_side=params.size)
-    style_t = images.resized_tensor(style, long_side=max(1, round(params.size * params.style_scale)))
+    side = long_side or params.size
+    content_t = images.resized_tensor(content, long_side=side)
+    style_t = images.resized_tensor(style, long_side=max(1, round(side * params.style_scale)))
     min_side = min_image_side(params.content_layers + params.style_layers)
     images.check_min_side(content_t, min_side, "content image (after resizing to size)")
     images.check_min_side(style_t, min_side, "style image (after resizing to size * style_scale)")
@@ -243,6 +299,115 @@ def prepare_images(
     if params.init_is_image and init_t is None:
         raise ImageError(f"init={params.init!r} names an image, but it was not loaded")
     return content_t, style_t, initial_image(params, content_t, style_same, init_t)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One item of a batch: its images and its own parameters (batch-compatible with the others)."""
+
+    content: Image.Image
+    style: Image.Image
+    params: StyleParams
+    init_image: Image.Image | None = None
+
+
+def output_size(content: Image.Image, long_side: int) -> tuple[int, int]:
+    """(height, width) the engine optimises at for this content image."""
+    width, height = images.fitted_size(*content.size, long_side)
+    return height, width
+
+
+def _stack_targets(per_item: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {name: torch.cat([t[name] for t in per_item]) for name in per_item[0]}
+
+
+def estimate_item_bytes(height: int, width: int, params: StyleParams) -> int:
+    """Rough device memory one item of a batch needs at ``height`` x ``width`` (for choosing batch sizes).
+
+    Activations kept for the backward pass (two per conv layer, up to relu5_1;
+    channels x pixels per block), their gradients, and the L-BFGS history.
+    """
+    pixels = height * width
+    per_block = [(64, 2, 1), (128, 2, 4), (256, 4, 16), (512, 4, 64), (512, 1, 256)]  # channels, convs, downsampling^2
+    activations = sum(ch * convs * 2 * pixels // down for ch, convs, down in per_block)
+    history = 2 * LBFGS_HISTORY * 3 * pixels if params.optimizer == "lbfgs" else 2 * 3 * pixels
+    return int(4 * (2 * activations + history) * 1.25)
+
+
+def stylize_batch(
+    jobs: Sequence[Job],
+    *,
+    network: Network | None = None,
+    weights_path: str | None = None,
+    callback: Callback | None = None,
+    cache: StyleTargetCache | None = None,
+    time_limit_s: float | None = None,
+) -> list[StyleResult]:
+    """Stylise several same-size items in one optimisation (one forward/backward per iteration for all).
+
+    The jobs' parameters must agree on :meth:`StyleParams.batch_key` and their
+    content images must resize to the same height and width. Each item's
+    result equals what it gets alone, up to floating-point reassociation.
+    Coarse-to-fine (``params.scales``): each stage optimises at its size,
+    starting from the previous stage's result upsampled.
+    """
+    if not jobs:
+        return []
+    params = jobs[0].params
+    if any(job.params.batch_key() != params.batch_key() for job in jobs):
+        raise ValueError("items of a batch must share every parameter but seed, init and output_format")
+    if network is None:
+        network = load_network(
+            params.weights,
+            pooling=params.pooling,
+            device=resolve_device(params.device),
+            weights_path=weights_path,
+            weights_sha256=params.weights_sha256,
+        )
+    started = time.perf_counter()
+    x: Tensor | None = None
+    histories: list[list[dict[str, float]]] = [[] for _ in jobs]
+    reasons = ["iterations"] * len(jobs)
+    done_iterations = 0
+    for long_side, stage_iterations in params.stages:
+        prepared = [prepare_images(job.params, job.content, job.style, job.init_image, long_side) for job in jobs]
+        shapes = {tuple(c.shape) for c, _, _ in prepared}
+        if len(shapes) != 1:
+            raise ValueError(f"items of a batch must have the same size at {long_side} px, got {sorted(shapes)}")
+        p_content = _stack_targets([content_targets(network, c, params.content_layers) for c, _, _ in prepared])
+        get_style = cache.get if cache is not None else style_targets
+        a_style = _stack_targets([get_style(network, st, params.style_layers) for _, st, _ in prepared])
+        if x is None:
+            start_images = torch.stack([init for _, _, init in prepared])
+        else:  # coarse-to-fine: continue from the previous stage's result
+            size = prepared[0][0].shape[-2:]
+            start_images = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
+        remaining = None if time_limit_s is None else time_limit_s - (time.perf_counter() - started)
+        run = optimise(
+            network, params, start_images, p_content, a_style,
+            iterations=stage_iterations, callback=callback, time_limit_s=remaining, first_iteration=done_iterations + 1,
+        )  # fmt: skip
+        for b, rows in enumerate(run.histories):
+            histories[b] += [{**row, "size": long_side} for row in rows] if len(params.stages) > 1 else rows
+        reasons = run.stop_reasons
+        done_iterations += stage_iterations
+        x = run.images
+    assert x is not None
+    wall = time.perf_counter() - started
+    return [
+        StyleResult(
+            image=x[b].clamp(0, 1).cpu(),
+            history=histories[b],
+            iterations=len(histories[b]),
+            wall_time_s=wall,
+            device=str(network.device),
+            weights_id=network.weights_id,
+            params=job.params,
+            stop_reason=reasons[b],
+            extra={"batch_size": len(jobs)},
+        )
+        for b, job in enumerate(jobs)
+    ]
 
 
 def stylize(
@@ -257,37 +422,14 @@ def stylize(
     cache: StyleTargetCache | None = None,
     time_limit_s: float | None = None,
 ) -> StyleResult:
-    """Stylise one content image with one style image.
+    """Stylise one content image with one style image (a batch of one).
 
     Images are RGB PIL images (see :func:`nst_core.images.load_image`).
     ``network`` defaults to the cached VGG-19 for ``params.weights``;
     ``weights_path`` is the local copy of a remote weights file; ``cache``
     reuses style targets across calls.
     """
-    params = params or StyleParams()
-    if network is None:
-        network = load_network(
-            params.weights,
-            pooling=params.pooling,
-            device=resolve_device(params.device),
-            weights_path=weights_path,
-            weights_sha256=params.weights_sha256,
-        )
-    content_t, style_t, init_t = prepare_images(params, content, style, init_image)
-    p_content = content_targets(network, content_t, params.content_layers)
-    if cache is not None:
-        a_style = cache.get(network, style_t, params.style_layers)
-    else:
-        a_style = style_targets(network, style_t, params.style_layers)
-    out, histories, wall = optimise(
-        network, params, init_t.unsqueeze(0), p_content, a_style, callback=callback, time_limit_s=time_limit_s
-    )
-    return StyleResult(
-        image=out[0].clamp(0, 1).cpu(),
-        history=histories[0],
-        iterations=len(histories[0]),
-        wall_time_s=wall,
-        device=str(network.device),
-        weights_id=network.weights_id,
-        params=params,
-    )
+    job = Job(content, style, params or StyleParams(), init_image)
+    return stylize_batch(
+        [job], network=network, weights_path=weights_path, callback=callback, cache=cache, time_limit_s=time_limit_s
+    )[0]

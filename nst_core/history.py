@@ -18,6 +18,11 @@ def columns(history: list[dict[str, float]]) -> list[str]:
     return list(history[0].keys())
 
 
+def loss_columns(history: list[dict[str, float]]) -> list[str]:
+    """The loss terms (not ``iteration`` nor the coarse-to-fine stage's ``size``)."""
+    return [c for c in columns(history) if c not in ("iteration", "size")]
+
+
 def to_csv(history: list[dict[str, float]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns(history), lineterminator="\n")
@@ -42,7 +47,7 @@ def _plot(history: list[dict[str, float]], title: str) -> bytes:
     fig = Figure(figsize=(6, 3.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     iterations = [row["iteration"] for row in history]
-    for name in columns(history)[1:]:
+    for name in loss_columns(history):
         values = [row[name] for row in history]
         if any(v > 0 and math.isfinite(v) for v in values):
             style = "-" if ":" not in name else ":"

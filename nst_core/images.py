@@ -91,6 +91,17 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
         raise ImageError(f"{label}: cannot decode image ({reason}); the file may be truncated or corrupt") from None
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as displayed (EXIF orientation applied), from the header only; None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def fitted_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     """(width, height) with the long side set to ``long_side``, aspect ratio kept."""
     scale = long_side / max(width, height)

@@ -44,6 +44,8 @@ DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 
 # Parameters that never change the stylised image; left out of an item's identity.
 NON_OUTPUT_FIELDS = frozenset({"device", "max_pixels", "progress_every"})
+# Parameters that may differ between the items of one batch (they only change an item's start or encoding).
+BATCH_FREE_FIELDS = frozenset({"seed", "init", "output_format"})
 
 
 def split_list(value: Any) -> Any:
@@ -54,10 +56,53 @@ def split_list(value: Any) -> Any:
     return value
 
 
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e7 else f"{value:g}"
+
+
+def allowed_values(prop: dict[str, Any]) -> str:
+    """The bounds of one JSON-schema property in words ("16 to 8192", "> 0 to 1000, or blank"); "" if none.
+
+    Forms built from the schema (the Prefect UI's run form) show descriptions but not bounds.
+    Enums are left out: forms show them as dropdowns.
+    """
+    if "anyOf" in prop:
+        parts = [allowed_values(p) for p in prop["anyOf"] if p.get("type") != "null"]
+        text = "; ".join(p for p in parts if p)
+        nullable = any(p.get("type") == "null" for p in prop["anyOf"])
+        return f"{text}, or blank" if text and nullable else text
+    low = (">= ", prop["minimum"]) if "minimum" in prop else ("> ", prop["exclusiveMinimum"]) if "exclusiveMinimum" in prop else None
+    high = ("<= ", prop["maximum"]) if "maximum" in prop else ("< ", prop["exclusiveMaximum"]) if "exclusiveMaximum" in prop else None
+    if low and high:
+        text = f"{_number(low[1])} to {_number(high[1])}" if low[0] == ">= " and high[0] == "<= " else f"{low[0]}{_number(low[1])} and {high[0]}{_number(high[1])}"
+    elif low or high:
+        op, value = low or high  # type: ignore[misc]
+        text = f"{op}{_number(value)}"
+    else:
+        text = ""
+    if prop.get("type") == "array" and ("minItems" in prop or "maxItems" in prop) and "enum" not in prop.get("items", {}):
+        if "minItems" in prop and "maxItems" in prop:
+            count = f"{prop['minItems']} to {prop['maxItems']} values"
+        else:
+            count = f"at most {prop['maxItems']} values" if "maxItems" in prop else f"at least {prop['minItems']} values"
+        text = f"{text}; {count}" if text else count
+    return text
+
+
+def _describe_bounds(schema: dict[str, Any]) -> None:
+    """Append each field's bounds to its description in StyleParams' JSON schema."""
+    for prop in schema.get("properties", {}).values():
+        allowed = allowed_values(prop)
+        if allowed and prop.get("description"):
+            prop["description"] = f"{prop['description'].rstrip()} Allowed: {allowed}."
+
+
 class StyleParams(BaseModel):
     """Parameters of one Gatys et al. style transfer."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, json_schema_extra=_describe_bounds)
 
     size: int = Field(512, ge=16, le=8192, description="Long side of the output in pixels (content image is resized to it, aspect ratio kept).")
     iterations: int = Field(300, ge=0, le=100_000, description="Loss evaluations (one forward + backward each), for L-BFGS and Adam alike.")
@@ -71,14 +116,17 @@ class StyleParams(BaseModel):
     loss_normalization: Literal["target", "paper"] = Field("target", description="'target': each term divided by its target's energy (scale-free); 'paper': the paper's exact formulas.")
     init: str = Field("content", min_length=1, description="Starting image: 'content', 'noise' (the paper's white noise), 'style', or an image path/URI.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Random seed (noise init); same seed and parameters give the same image on the same machine.")
-    content_layers: tuple[str, ...] = Field(DEFAULT_CONTENT_LAYERS, max_length=37, description="Layers whose features the output matches to the content image.")
-    style_layers: tuple[str, ...] = Field(DEFAULT_STYLE_LAYERS, max_length=37, description="Layers whose Gram matrices the output matches to the style image.")
+    content_layers: tuple[str, ...] = Field(DEFAULT_CONTENT_LAYERS, max_length=37, description="Layers whose features the output matches to the content image.", json_schema_extra={"items": {"type": "string", "enum": list(LAYER_NAMES)}})
+    style_layers: tuple[str, ...] = Field(DEFAULT_STYLE_LAYERS, max_length=37, description="Layers whose Gram matrices the output matches to the style image.", json_schema_extra={"items": {"type": "string", "enum": list(LAYER_NAMES)}})
     style_layer_weights: tuple[float, ...] | None = Field(None, description="w_l per style layer (default: equal, 1/len(style_layers)).")
     pooling: Literal["avg", "max"] = Field("avg", description="Pooling in VGG-19: 'avg' (the paper's choice) or 'max'.")
     style_scale: float = Field(1.0, gt=0, le=8, description="Style image size relative to the output size.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image format of the stylised output in the pipeline.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' (CUDA when present), 'cpu' or 'cuda:N'. Does not change the result's identity.")
     max_pixels: int = Field(40_000_000, ge=1, le=1_000_000_000, description="Refuse input images with more pixels than this (decompression bombs).")
+    tolerance: float = Field(0.0, ge=0, le=1, description="Stop an image early when its total loss fell by less than this fraction over the last 10 iterations (0 = run every iteration).")
+    scales: tuple[float, ...] = Field((1.0,), min_length=1, max_length=8, description="Coarse-to-fine schedule: fractions of size, ascending, ending at 1 (e.g. 0.5|1). Each stage starts from the previous result, upsampled.")
+    scale_iterations: tuple[int, ...] | None = Field(None, description="Iterations per stage of scales (default: iterations at every stage).")
     progress_every: int = Field(10, ge=1, le=100_000, description="Call the progress callback every N iterations.")
 
     @field_validator("content_layers", "style_layers", mode="before")
@@ -86,7 +134,7 @@ class StyleParams(BaseModel):
     def _split_layers(cls, value: Any) -> Any:
         return split_list(value)
 
-    @field_validator("style_layer_weights", mode="before")
+    @field_validator("style_layer_weights", "scales", "scale_iterations", mode="before")
     @classmethod
     def _split_weights(cls, value: Any) -> Any:
         if value is None or (isinstance(value, str) and not value.strip()):
@@ -110,6 +158,22 @@ class StyleParams(BaseModel):
             raise ValueError("style layer weights must be finite and >= 0")
         return value
 
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (0.05 <= f <= 1.0) or not math.isfinite(f) for f in value):
+            raise ValueError("every scale must be between 0.05 and 1")
+        if list(value) != sorted(set(value)) or value[-1] != 1.0:
+            raise ValueError("scales must be strictly ascending and end at 1 (e.g. 0.5|1)")
+        return value
+
+    @field_validator("scale_iterations")
+    @classmethod
+    def _stage_iterations(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(n < 0 or n > 100_000 for n in value):
+            raise ValueError("iterations per stage must be between 0 and 100000")
+        return value
+
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:
@@ -125,6 +189,8 @@ class StyleParams(BaseModel):
     def _consistent(self) -> "StyleParams":
         if not self.content_layers and not self.style_layers:
             raise ValueError("at least one of content_layers and style_layers must be non-empty")
+        if self.scale_iterations is not None and len(self.scale_iterations) != len(self.scales):
+            raise ValueError(f"scale_iterations has {len(self.scale_iterations)} values for {len(self.scales)} scales")
         if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
             raise ValueError(
                 f"style_layer_weights has {len(self.style_layer_weights)} values for {len(self.style_layers)} style_layers"
@@ -145,6 +211,17 @@ class StyleParams(BaseModel):
         if self.lr is not None:
             return self.lr
         return DEFAULT_LR[self.optimizer]
+
+    @property
+    def stages(self) -> list[tuple[int, int]]:
+        """(long side in px, iterations) of each coarse-to-fine stage."""
+        counts = self.scale_iterations or tuple(self.iterations for _ in self.scales)
+        return [(max(16, round(self.size * f)), n) for f, n in zip(self.scales, counts, strict=True)]
+
+    def batch_key(self) -> tuple[tuple[str, Any], ...]:
+        """Items whose parameters agree on this can share one optimisation (seed and start may differ)."""
+        data = self.identity()
+        return tuple((k, repr(v)) for k, v in data.items() if k not in BATCH_FREE_FIELDS)
 
     @property
     def init_is_image(self) -> bool:

@@ -12,7 +12,10 @@ bad item never stops the others.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,6 +42,14 @@ class Work:
     input_sha256: dict[str, str]
     weights_id: str
     weights_path: str | None = None
+    content_size: tuple[int, int] | None = None  # (width, height) after EXIF orientation, read from the header
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Works with equal keys can share one optimisation: same parameters and same size at every stage."""
+        if self.content_size is None:
+            return ("alone", self.item_id)
+        shapes = tuple(images.fitted_size(*self.content_size, side) for side, _ in self.row.params.stages)
+        return (self.row.params.batch_key(), shapes)
 
 
 @dataclass
@@ -123,16 +134,19 @@ def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: in
     """
     uris = sorted({uri for row in rows for uri in row.input_uris().values()})
 
-    def digest(uri: str) -> tuple[str, str | Exception]:
+    def digest(uri: str) -> tuple[str, str | Exception, tuple[int, int] | None]:
         try:
-            return uri, storage.sha256_bytes(storage.read_bytes(uri))
+            data = storage.read_bytes(uri)
         except storage.StorageError as exc:
             if exc.transient:
                 raise
-            return uri, exc
+            return uri, exc, None
+        return uri, storage.sha256_bytes(data), images.header_size(data)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        hashes = dict(pool.map(digest, uris))
+        found = list(pool.map(digest, uris))
+    hashes = {uri: sha for uri, sha, _ in found}
+    sizes = {uri: size for uri, _, size in found}
     weights: dict[str, tuple[str, str | None] | Exception] = {}
     resolved: list[Work | Outcome] = []
     for row in rows:
@@ -150,7 +164,7 @@ def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: in
             resolved.append(outcome_for_row(row, "failed", error=str(ident)))
             continue
         sha = {role: str(hashes[uri]) for role, uri in row.input_uris().items()}
-        work = Work(row, items.item_id(sha, row.params, ident[0]), sha, ident[0], ident[1])
+        work = Work(row, items.item_id(sha, row.params, ident[0]), sha, ident[0], ident[1], sizes[row.content_uri])
         resolved.append(work)
     todo = [w for w in resolved if isinstance(w, Work)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -181,9 +195,41 @@ def cached_outcome(work: Work, output_uri: str, meta: dict[str, Any], status: st
 
 # --- stylising ------------------------------------------------------------------------------
 
-# One optimisation at a time per device in this process: storage work of other
-# items (fetching, uploading) overlaps with it, compute does not oversubscribe.
-_DEVICE_SLOTS = threading.BoundedSemaphore(max(1, torch.cuda.device_count()))
+
+class DevicePool:
+    """The devices of this process, handed out one optimisation at a time.
+
+    ``auto`` takes any free device (every visible GPU, or the CPU); an explicit
+    device waits for that one. Holding a device only while optimising lets
+    other items' fetches and uploads overlap with compute.
+    """
+
+    def __init__(self) -> None:
+        count = torch.cuda.device_count()
+        self.devices = [torch.device(f"cuda:{i}") for i in range(count)] or [torch.device("cpu")]
+        self._free: queue.Queue[torch.device] = queue.Queue()
+        for device in self.devices:
+            self._free.put(device)
+        self._explicit: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def acquire(self, wanted: str) -> Iterator[torch.device]:
+        if wanted == "auto":
+            device = self._free.get()
+            try:
+                yield device
+            finally:
+                self._free.put(device)
+            return
+        device = resolve_device(wanted)
+        with self._lock:
+            lock = self._explicit.setdefault(str(device), threading.Lock())
+        with lock:
+            yield device
+
+
+DEVICES = DevicePool()
 STYLE_CACHE = engine.StyleTargetCache()
 
 
@@ -197,40 +243,54 @@ def _fetch_images(work: Work) -> dict[str, Any]:
     return loaded
 
 
-@task(name="stylize-item", tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
-def stylize_item(work: Work, output_uri: str, time_limit_s: float | None = None) -> Outcome:
-    """Stylise one item and store its outputs; ``meta.json`` is written last."""
+def _failed(work: Work, error: str) -> Outcome:
+    return outcome_for_row(work.row, "failed", error=error, item_id=work.item_id)
+
+
+def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult]:
+    params = batch[0][0].row.params
+    jobs = [engine.Job(loaded["content"], loaded["style"], work.row.params, loaded.get("init")) for work, loaded in batch]
+    with DEVICES.acquire(params.device) as device:
+        network = load_network(
+            params.weights,
+            pooling=params.pooling,
+            device=device,
+            weights_path=batch[0][0].weights_path,
+            weights_sha256=params.weights_sha256,
+        )
+        results = engine.stylize_batch(jobs, network=network, cache=STYLE_CACHE, time_limit_s=time_limit_s)
+        for job, result in zip(jobs, results, strict=True):
+            # Judged by a VGG-19 with other weights than the optimised one (see nst_core.quality).
+            score = quality.measure_result(result.image, job.content, job.style, job.params, result.weights_id, device)
+            result.extra["quality"] = score.as_dict()
+    return results
+
+
+def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult | str]:
+    """Run a batch; on out-of-memory halve it once, then an item that still does not fit fails."""
+    try:
+        return list(_run_batch(batch, time_limit_s))
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            return ["out_of_memory"]
+    half = len(batch) // 2
+    out: list[engine.StyleResult | str] = []
+    for part in (batch[:half], batch[half:]):
+        try:
+            out += _run_batch(part, time_limit_s)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            out += ["out_of_memory"] * len(part)
+    return out
+
+
+def _store(work: Work, output_uri: str, result: engine.StyleResult) -> Outcome:
+    """Write the item's files; ``meta.json`` last, as the mark of a finished item."""
     row, params = work.row, work.row.params
     paths = _paths(work, output_uri)
-    try:
-        loaded = _fetch_images(work)
-        with _DEVICE_SLOTS:
-            network = load_network(
-                params.weights,
-                pooling=params.pooling,
-                device=resolve_device(params.device),
-                weights_path=work.weights_path,
-                weights_sha256=params.weights_sha256,
-            )
-            result = engine.stylize(
-                loaded["content"],
-                loaded["style"],
-                params,
-                init_image=loaded.get("init"),
-                network=network,
-                cache=STYLE_CACHE,
-                time_limit_s=time_limit_s,
-            )
-            # Judged by a VGG-19 with other weights than the optimised one (see nst_core.quality).
-            score = quality.measure_result(result.image, loaded["content"], loaded["style"], params, result.weights_id, network.device)
-    except storage.StorageError as exc:
-        if exc.transient:
-            raise
-        return outcome_for_row(row, "failed", error=str(exc), item_id=work.item_id)
-    except (NSTError, engine.TimeLimitExceeded, ValueError) as exc:
-        return outcome_for_row(row, "failed", error=str(exc).splitlines()[0], item_id=work.item_id)
-    except torch.OutOfMemoryError:
-        return outcome_for_row(row, "failed", error="out_of_memory", item_id=work.item_id)
     label = f"{row.id}  weights={result.weights_id}"
     storage.write_bytes(paths.image, images.encode(result.to_pil(), params.output_format), items.OUTPUT_CONTENT_TYPES[params.output_format])
     storage.write_bytes(paths.loss_csv, history.to_csv(result.history), "text/csv")
@@ -246,8 +306,41 @@ def stylize_item(work: Work, output_uri: str, time_limit_s: float | None = None)
         weights_id=result.weights_id,
         result=result,
         paths=paths,
-        extra={"quality": score.as_dict()},
-    )
-    storage.write_bytes(paths.meta, items.meta_bytes(meta), "application/json")  # last: the item is done
-    get_run_logger().info("item %s (row %s) done in %.1f s on %s", row.id, row.row, result.wall_time_s, result.device)
+        extra=dict(result.extra),
+    )  # fmt: skip
+    storage.write_bytes(paths.meta, items.meta_bytes(meta), "application/json")
     return cached_outcome(work, output_uri, meta, status="succeeded")
+
+
+@task(name="stylize-items", tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def stylize_items(works: list[Work], output_uri: str, time_limit_s: float | None = None) -> list[Outcome]:
+    """Stylise a batch of compatible items in one optimisation and store each one's outputs.
+
+    An item whose inputs cannot be used fails alone; the rest of the batch goes on.
+    """
+    outcomes: dict[str, Outcome] = {}
+    ready: list[tuple[Work, dict[str, Any]]] = []
+    for work in works:
+        try:
+            ready.append((work, _fetch_images(work)))
+        except storage.StorageError as exc:
+            if exc.transient:
+                raise
+            outcomes[work.item_id] = _failed(work, str(exc))
+        except NSTError as exc:
+            outcomes[work.item_id] = _failed(work, str(exc).splitlines()[0])
+    if ready:
+        try:
+            results = _optimise_with_oom_split(ready, time_limit_s)
+        except (NSTError, engine.TimeLimitExceeded, ValueError) as exc:
+            results = [str(exc).splitlines()[0]] * len(ready)
+        for (work, _), result in zip(ready, results, strict=True):
+            if isinstance(result, str):
+                outcomes[work.item_id] = _failed(work, result)
+            else:
+                outcomes[work.item_id] = _store(work, output_uri, result)
+                get_run_logger().info(
+                    "item %s (row %s) done: %d iterations in %.1f s on %s (batch of %d)",
+                    work.row.id, work.row.row, result.iterations, result.wall_time_s, result.device, len(ready),
+                )  # fmt: skip
+    return [outcomes[work.item_id] for work in works]

@@ -19,21 +19,21 @@ FAST = {"retries": 1, "retry_delay_s": 0.2}
 
 
 class EngineSpy:
-    """Counts real engine calls made by the tasks (the engine still runs)."""
+    """Counts the items the tasks hand to the real engine (the engine still runs)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         import tasks.stylize as task_module
 
         self.calls = 0
         self._lock = threading.Lock()
-        original = task_module.engine.stylize
+        original = task_module.engine.stylize_batch
 
-        def counting(*args, **kwargs):
+        def counting(jobs, **kwargs):
             with self._lock:
-                self.calls += 1
-            return original(*args, **kwargs)
+                self.calls += len(jobs)
+            return original(jobs, **kwargs)
 
-        monkeypatch.setattr(task_module.engine, "stylize", counting)
+        monkeypatch.setattr(task_module.engine, "stylize_batch", counting)
 
 
 def run_flow(**kwargs):
