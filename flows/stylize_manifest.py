@@ -7,10 +7,14 @@ tasks, collect the outcomes into the results table and Prefect artifacts.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -23,7 +27,38 @@ from nst_core.params import StyleParams
 from tasks.results import ResultsWriter, run_name
 from tasks.stylize import Outcome, Work, outcome_for_invalid, outcome_for_row, read_manifest, resolve_items, stylize_items
 
-TABLE_ARTIFACT_ROWS = 1000  # the results table artifact shows the first rows; the files have all
+TABLE_ARTIFACT_ROWS = 1000
+
+DASK_ADDRESS_ENV = "NST_DASK_ADDRESS"  # tcp://scheduler:8786: run the tasks on that dask-distributed cluster
+DASK_RESOURCE_ENV = "NST_DASK_RESOURCE"  # the worker resource one batch holds (default GPU; empty: none)
+
+
+def task_runner_from_settings() -> Any:
+    """The task runner: a dask-distributed cluster when NST_DASK_ADDRESS is set, else threads in this process."""
+    address = os.environ.get(DASK_ADDRESS_ENV)
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("NST_THREADS", "8")))
+
+
+def on_dask(address: str) -> Any:
+    """This flow with its tasks sent to the dask-distributed scheduler at ``address``."""
+    from prefect_dask import DaskTaskRunner
+
+    return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))
+
+
+def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
+    """On a dask runner, each batch holds one unit of the workers' GPU resource (``--resources GPU=1``)."""
+    context = FlowRunContext.get()
+    resource = os.environ.get(DASK_RESOURCE_ENV, "GPU")
+    if context is None or not resource or type(context.task_runner).__name__ != "DaskTaskRunner":
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={resource: 1})  # the results table artifact shows the first rows; the files have all
 
 
 def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
@@ -98,7 +133,13 @@ def _summary_markdown(summary: dict[str, Any], failures: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="stylize_manifest", description="Stylise every row of a CSV manifest (Gatys et al. 2015, VGG-19).", on_failure=[notify_failure], on_crashed=[notify_failure])
+@flow(
+    name="stylize_manifest",
+    description="Stylise every row of a CSV manifest (Gatys et al. 2015, VGG-19).",
+    task_runner=task_runner_from_settings(),
+    on_failure=[notify_failure],
+    on_crashed=[notify_failure],
+)
 @describe_parameters
 def stylize_manifest(
     manifest_uri: Annotated[str, Field(description="The manifest CSV: s3://bucket/key (or a local path when allowed).")],
@@ -139,7 +180,8 @@ def stylize_manifest(
             if isinstance(r, Work):
                 first_of.setdefault(r.item_id, r)
         batches = plan_batches(list(first_of.values()), batch_size)
-        futures = [stylize.submit(batch, output_uri, item_timeout_s) for batch in batches]
+        with _gpu_annotation():
+            futures = [stylize.submit(batch, output_uri, item_timeout_s) for batch in batches]
         computed: dict[str, Outcome] = {}
         for batch, future in zip(batches, futures, strict=True):
             try:

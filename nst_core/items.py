@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -102,6 +104,7 @@ def build_meta(
             "note": "UNTRAINED RANDOM WEIGHTS (smoke run, not ImageNet VGG-19)" if weights_id.startswith("random:") else "",
         },
         "device": result.device,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
         "iterations": result.iterations,
         "stop_reason": result.stop_reason,
         "wall_time_s": round(result.wall_time_s, 4),
