@@ -219,6 +219,7 @@ def optimise(
     optimizer = make_optimizer(params.optimizer, x, params.effective_lr)
     names: list[str] = []
     steps: list[Tensor] = []
+    best: list[Tensor] = []
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
     stop_at = [n_iterations] * batch
     reasons = ["iterations"] * batch
@@ -234,14 +235,16 @@ def optimise(
             callback(IterationInfo(i, last, _item_losses(names, steps[-1]), elapsed, x.detach()))
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
             raise TimeLimitExceeded(f"timeout: stopped after {i} of {last} iterations ({time_limit_s:g} s limit)")
+        best.append(steps[-1][1] if not best else torch.minimum(best[-1], steps[-1][1]))  # row 1: total loss
         if params.tolerance > 0 and k > TOLERANCE_WINDOW and k % TOLERANCE_WINDOW == 0:
-            now, before = steps[-1][1], steps[-1 - TOLERANCE_WINDOW][1]  # total loss rows
+            # The best loss so far, now and a window ago: a passing uphill step of L-BFGS does not stop an item.
+            now, before = best[-1], best[-1 - TOLERANCE_WINDOW]
             converged = (before - now) <= params.tolerance * before.abs()
             newly = (converged & active).cpu().tolist()
             for b, done in enumerate(newly):
                 if done:
                     stop_at[b] = k
-                    reasons[b] = f"converged: total loss fell < {params.tolerance:g} over {TOLERANCE_WINDOW} iterations"
+                    reasons[b] = f"converged: best total loss improved < {params.tolerance:g} over {TOLERANCE_WINDOW} iterations"
             active = active & ~converged
             if not bool(active.any()):
                 break

@@ -124,7 +124,7 @@ class StyleParams(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image format of the stylised output in the pipeline.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' (CUDA when present), 'cpu' or 'cuda:N'. Does not change the result's identity.")
     max_pixels: int = Field(40_000_000, ge=1, le=1_000_000_000, description="Refuse input images with more pixels than this (decompression bombs).")
-    tolerance: float = Field(0.0, ge=0, le=1, description="Stop an image early when its total loss fell by less than this fraction over the last 10 iterations (0 = run every iteration).")
+    tolerance: float = Field(0.005, ge=0, le=1, description="Stop an image early when its best total loss improved by less than this fraction over the last 10 iterations (0 = run every iteration).")
     scales: tuple[float, ...] = Field((1.0,), min_length=1, max_length=8, description="Coarse-to-fine schedule: fractions of size, ascending, ending at 1 (e.g. 0.5|1). Each stage starts from the previous result, upsampled.")
     scale_iterations: tuple[int, ...] | None = Field(None, description="Iterations per stage of scales (default: iterations at every stage).")
     progress_every: int = Field(10, ge=1, le=100_000, description="Call the progress callback every N iterations.")
