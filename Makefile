@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean up down status
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -42,3 +42,16 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache nst-demo-output test-output
+
+# The local stack on 127.0.0.1 (infra/stack.py): Prefect server with API auth, SeaweedFS S3 with the
+# samples, a process work pool with one worker, the deployments of infra/prefect.yaml. Data in $(STACK_DIR)/.
+STACK_DIR ?= .stack
+
+up: $(STAMP)
+	$(BIN)/python -m infra.stack up --dir $(STACK_DIR)
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m infra.stack down --dir $(STACK_DIR); fi
+
+status:
+	@$(BIN)/python -m infra.stack status --dir $(STACK_DIR)

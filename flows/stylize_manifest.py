@@ -24,6 +24,7 @@ from flows.hooks import describe_parameters, notify_failure
 from nst_core import images, storage
 from nst_core.manifest import ManifestError
 from nst_core.params import StyleParams
+from nst_core.report import build_report
 from tasks.results import ResultsWriter, run_name
 from tasks.stylize import Outcome, Work, outcome_for_invalid, outcome_for_row, read_manifest, resolve_items, stylize_items
 
@@ -119,6 +120,7 @@ def _summary_markdown(summary: dict[str, Any], failures: list[Outcome]) -> str:
         f"- manifest: `{summary['manifest_uri']}`",
         f"- outputs: `{summary['run_folder']}`",
         f"- results: `{summary['run_folder']}/results.csv` (and `.parquet`)",
+        *([f"- report: `{summary['report']}` (static page with thumbnails beside it; `nst report {summary['run_folder']} --open` opens a local copy)"] if summary.get("report") else []),
         f"- rows: {summary['rows']}; succeeded {counts['succeeded']}, cached {counts['cached']}, "
         f"failed {counts['failed']}, invalid {counts['invalid']}",
         f"- wall time: {summary['wall_time_s']:.1f} s",
@@ -205,6 +207,7 @@ def stylize_manifest(
         "random_weights": random_weights,
     }
     summary.update(writer.finish(summary))
+    summary["report"] = build_report(writer.folder)  # {run folder}/report.html + thumbs/ (nst_core/report.py)
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     create_table_artifact(
         table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],

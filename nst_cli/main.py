@@ -99,16 +99,31 @@ class _Progress:
         self.bar.close()
 
 
+def _snapshot_path(out: str, iteration: int) -> str:
+    """``out.png`` -> ``out.snap-00050.png``: the snapshot of iteration 50 (``--save-every``)."""
+    return _sibling(out, f".snap-{iteration:05d}.png")
+
+
 def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool) -> int:
     from nst_core import engine, history, images, storage
     from nst_core.network import WeightsSpec, load_network, resolve_device
+    from nst_core.params import StyleInputsError
 
     ext = os.path.splitext(out)[1].lower().lstrip(".")
     fmt = {"jpg": "jpeg"}.get(ext, ext)
     if fmt not in images.OUTPUT_FORMATS:
         raise UsageError(f"-o {out}: the output must end in .png, .jpg, .jpeg or .webp")
+    style_uris = [part.strip() for part in style_uri.split("|")]  # several styles: 'a.jpg|b.jpg'
+    if not all(style_uris):
+        raise UsageError(f"STYLE {style_uri!r}: an empty style in the '|'-separated list")
+    try:
+        params.check_styles(len(style_uris))
+    except StyleInputsError as exc:
+        name = "STYLE" if exc.field == "style_uri" else "--" + exc.field.replace("_", "-")
+        raise UsageError(f"{name}: {exc.reason}") from None
     content = _read_image(content_uri, params.max_pixels)
-    style = content if style_uri == content_uri else _read_image(style_uri, params.max_pixels)
+    styles = [content if uri == content_uri else _read_image(uri, params.max_pixels) for uri in style_uris]
+    masks = [_read_image(uri, params.max_pixels) for uri in params.style_masks] if params.style_masks else None
     init_image = _read_image(params.init, params.max_pixels) if params.init_is_image else None
     spec = WeightsSpec.parse(params.weights)
     weights_path = str(storage.fetch_to_cache(params.weights)) if spec.kind == "file" else None
@@ -124,19 +139,26 @@ def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool)
         device=resolve_device(params.device),
         weights_path=weights_path,
         weights_sha256=params.weights_sha256,
+        normalize=params.normalize_network,
     )
     progress = _Progress(params.iterations, enabled=not quiet)
     try:
-        result = engine.stylize(content, style, params, init_image=init_image, network=network, callback=progress)
+        result = engine.stylize(
+            content, styles, params, init_image=init_image, style_masks=masks, network=network, callback=progress
+        )
     finally:
         progress.close()
-    label = f"{os.path.basename(content_uri)} x {os.path.basename(style_uri)}  weights={result.weights_id}"
+    label = f"{os.path.basename(content_uri)} x {'|'.join(map(os.path.basename, style_uris))}  weights={result.weights_id}"
     storage.write_bytes(out, images.encode(result.to_pil(), fmt))
     storage.write_bytes(_sibling(out, ".loss.csv"), history.to_csv(result.history), "text/csv")
     storage.write_bytes(_sibling(out, ".loss.png"), history.to_png(result.history, label), "image/png")
+    for iteration, image in result.snapshots:
+        storage.write_bytes(_snapshot_path(out, iteration), images.encode(image, "png"), "image/png")
     final = ", ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items() if ":" not in k)
     print(f"wrote {out} ({result.iterations} iterations in {result.wall_time_s:.1f} s on {result.device}; {final})")
     print(f"loss table {_sibling(out, '.loss.csv')}, loss plot {_sibling(out, '.loss.png')}")
+    if result.snapshots:
+        print(f"{len(result.snapshots)} snapshots {_sibling(out, '.snap-NNNNN.png')} (every {params.save_every} iterations)")
     return EXIT_OK
 
 
@@ -192,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nst", description="Bulk neural style transfer (Gatys et al., 2015).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stylize", help="stylise one content image with one style image")
+    p = sub.add_parser("stylize", help="stylise one content image with one style image (or a blend of several)")
     p.add_argument("content", help="content image: path or s3:// URI")
-    p.add_argument("style", help="style image: path or s3:// URI")
+    p.add_argument("style", help="style image: path or s3:// URI; several separated by '|' ('a.jpg|b.jpg'), see --style-blend-weights and --style-masks")
     p.add_argument("-o", "--output", required=True, help="output image (.png/.jpg/.webp), path or s3:// URI")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_style_flags(p, skip=("output_format",))  # the format follows -o's extension
@@ -228,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=60, help="iterations per item (default 60)")
     p.set_defaults(func=cmd_demo)
     __import__("nst_cli.serve").serve.register(sub)  # `nst serve`: the deployments (nst_cli/serve.py)
+    __import__("nst_cli.review").review.register(sub)  # `nst report`, `nst review`, `nst export` (nst_cli/review.py)
     return parser
 
 

@@ -8,7 +8,12 @@ Read top to bottom:
 2. :func:`initial_image` decides where the optimisation starts.
 3. :func:`optimise` runs the loop over a batch of same-size items: forward,
    loss, backward, optimiser step, history, callback.
-4. :func:`stylize` is the one-pair convenience: prepare images, run, package.
+4. :func:`stylize_batch` prepares each stage's images (:func:`stage_inputs`:
+   sizes, masks, colour modes of :mod:`nst_core.color`), the targets (several
+   styles blended, or guided by masks: :func:`batch_style_targets`), runs
+   :func:`optimise` per coarse-to-fine stage and packages the results (with
+   snapshots every ``save_every`` iterations); :func:`stylize` is the one-pair
+   convenience.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from nst_core import images
+from nst_core import color, images
 from nst_core.errors import ImageError
-from nst_core.losses import GatysLoss, LossWeights, mean_gram
+from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
 from nst_core.network import Network, load_network, min_image_side, resolve_device
 from nst_core.optim import LBFGS_HISTORY, make_optimizer
-from nst_core.params import StyleParams
+from nst_core.params import StyleInputsError, StyleParams
 
 ENGINE_VERSION = "1"
 """Algorithm version: bumped only when the same inputs would give a different image."""
@@ -52,6 +57,8 @@ class IterationInfo:
 
 
 Callback = Callable[[IterationInfo], None]
+SnapshotHook = Callable[[int, Tensor], None]
+"""Called after every evaluation with the iteration number and the batch ``[B, 3, H, W]`` it evaluated."""
 
 
 @dataclass
@@ -67,6 +74,7 @@ class StyleResult:
     params: StyleParams
     stop_reason: str = "iterations"
     extra: dict[str, object] = field(default_factory=dict)
+    snapshots: list[tuple[int, Image.Image]] = field(default_factory=list)  # (iteration, image) every save_every
 
     @property
     def final_losses(self) -> dict[str, float]:
@@ -97,8 +105,10 @@ def style_targets(network: Network, style: Tensor, layers: Sequence[str]) -> dic
 class StyleTargetCache:
     """Style targets kept across items (an LRU of ``max_entries``), keyed by everything they depend on.
 
-    The key is the style tensor's bytes (so its size and scale), the layers, the
-    network's weights id, pooling and device.
+    The key is the style tensor's bytes (so its size and scale, and any colour
+    transform applied to it before: ``color=luminance|histogram`` make the
+    style depend on the content, and the transformed bytes say so), the
+    layers, the network's weights id, normalisation, pooling and device.
     """
 
     def __init__(self, max_entries: int = 64):
@@ -110,7 +120,10 @@ class StyleTargetCache:
 
     def get(self, network: Network, style: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
         digest = hashlib.sha256(style.contiguous().numpy().tobytes()).hexdigest()
-        key = (digest, tuple(style.shape), tuple(layers), network.weights_id, network.features.pooling, str(network.device))
+        key = (
+            digest, tuple(style.shape), tuple(layers), network.weights_id, network.normalized,
+            network.features.pooling, str(network.device),
+        )  # fmt: skip
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -194,12 +207,16 @@ def optimise(
     time_limit_s: float | None = None,
     first_iteration: int = 1,
     dtype: torch.dtype = torch.float32,
+    guidance: StyleGuidance | None = None,
+    snapshot: SnapshotHook | None = None,
 ) -> Optimised:
     """Optimise a batch ``init`` ``[B, 3, H, W]`` against per-item targets.
 
     ``content`` maps each content layer to ``[B|1, ...]`` features, ``style``
-    each style layer to ``[B|1, N, N]`` per-position Grams. ``params``
-    (everything but images and seed) is shared by the batch.
+    each style layer to ``[B|1, N, N]`` per-position Grams (with ``guidance``,
+    spatial control: ``[B, S, N, N]``, one per style and mask). ``params``
+    (everything but images and seed) is shared by the batch. ``snapshot`` is
+    called after every evaluation with the image it evaluated.
 
     ``iterations`` (default ``params.iterations``) loss evaluations are made;
     the optimiser steps after each but the last, so the returned image is the
@@ -212,7 +229,7 @@ def optimise(
     """
     start = time.perf_counter()
     n_iterations = params.iterations if iterations is None else iterations
-    loss_fn = GatysLoss(loss_weights(params), content, style)
+    loss_fn = GatysLoss(loss_weights(params), content, style, guidance)
     layers = loss_fn.weights.layers
     x = init.detach().to(network.device, dtype).clone().requires_grad_(True)
     batch = x.shape[0]
@@ -230,6 +247,8 @@ def optimise(
             (grad,) = torch.autograd.grad(total.sum(), x)
         names = names or list(terms)
         steps.append(_rows(i, terms))
+        if snapshot is not None:
+            snapshot(i, x.detach())
         if callback is not None and (i % params.progress_every == 0 or i == last):
             elapsed = time.perf_counter() - start
             callback(IterationInfo(i, last, _item_losses(names, steps[-1]), elapsed, x.detach()))
@@ -279,6 +298,29 @@ def _histories(names: list[str], steps: list[Tensor], batch: int) -> list[list[d
     return out
 
 
+def _resized_inputs(
+    params: StyleParams,
+    content: Image.Image,
+    styles: Sequence[Image.Image],
+    init_image: Image.Image | None,
+    long_side: int | None,
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    side = long_side or params.size
+    content_t = images.resized_tensor(content, long_side=side)
+    styles_t = [images.resized_tensor(style, long_side=max(1, round(side * params.style_scale))) for style in styles]
+    min_side = min_image_side(params.content_layers + params.style_layers)
+    images.check_min_side(content_t, min_side, "content image (after resizing to size)")
+    for k, style_t in enumerate(styles_t):
+        label = "style image" if len(styles_t) == 1 else f"style image {k + 1}"
+        images.check_min_side(style_t, min_side, f"{label} (after resizing to size * style_scale)")
+    hw = (content_t.shape[2], content_t.shape[1])
+    style_same = images.resized_tensor(styles[0], exact=hw) if params.init == "style" else None
+    init_t = images.resized_tensor(init_image, exact=hw) if init_image is not None else None
+    if params.init_is_image and init_t is None:
+        raise ImageError(f"init={params.init!r} names an image, but it was not loaded")
+    return content_t, styles_t, initial_image(params, content_t, style_same, init_t)
+
+
 def prepare_images(
     params: StyleParams,
     content: Image.Image,
@@ -288,30 +330,92 @@ def prepare_images(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Resize content (long side ``long_side``, default ``size``), style (that times ``style_scale``) and the start.
 
-    Returns content ``[3, H, W]``, style ``[3, h, w]`` and the start image ``[3, H, W]``.
+    Returns content ``[3, H, W]``, style ``[3, h, w]`` and the start image ``[3, H, W]``, as they are
+    (no colour mode applied: see :func:`stage_inputs`). ``init='style'`` starts from the (first) style.
     """
-    side = long_side or params.size
-    content_t = images.resized_tensor(content, long_side=side)
-    style_t = images.resized_tensor(style, long_side=max(1, round(side * params.style_scale)))
-    min_side = min_image_side(params.content_layers + params.style_layers)
-    images.check_min_side(content_t, min_side, "content image (after resizing to size)")
-    images.check_min_side(style_t, min_side, "style image (after resizing to size * style_scale)")
-    hw = (content_t.shape[2], content_t.shape[1])
-    style_same = images.resized_tensor(style, exact=hw) if params.init == "style" else None
-    init_t = images.resized_tensor(init_image, exact=hw) if init_image is not None else None
-    if params.init_is_image and init_t is None:
-        raise ImageError(f"init={params.init!r} names an image, but it was not loaded")
-    return content_t, style_t, initial_image(params, content_t, style_same, init_t)
+    content_t, styles_t, init_t = _resized_inputs(params, content, [style], init_image, long_side)
+    return content_t, styles_t[0], init_t
 
 
 @dataclass(frozen=True)
 class Job:
-    """One item of a batch: its images and its own parameters (batch-compatible with the others)."""
+    """One item of a batch: its images and its own parameters (batch-compatible with the others).
+
+    ``style`` is one image or several (blended with ``params.style_blend_weights``);
+    ``style_masks``, when given, one mask image per style (spatial control).
+    """
 
     content: Image.Image
-    style: Image.Image
+    style: Image.Image | Sequence[Image.Image]
     params: StyleParams
     init_image: Image.Image | None = None
+    style_masks: Sequence[Image.Image] | None = None
+
+    @property
+    def styles(self) -> tuple[Image.Image, ...]:
+        return (self.style,) if isinstance(self.style, Image.Image) else tuple(self.style)
+
+    def check(self) -> None:
+        """Refuse a job whose images the parameters do not match, naming the parameter."""
+        n_styles = len(self.styles)
+        self.params.check_styles(n_styles)
+        if self.style_masks is not None and len(self.style_masks) != n_styles:
+            raise StyleInputsError("style_masks", f"has {len(self.style_masks)} images for {n_styles} styles")
+        if self.params.style_masks is not None and self.style_masks is None:
+            raise StyleInputsError("style_masks", "names mask images, but none were loaded")
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """One job's images at one stage's size, as the optimisation sees them."""
+
+    content: Tensor  # [3, H, W] (grey under color=luminance)
+    styles: list[Tensor]  # [3, h, w] each (transformed under color=luminance|histogram)
+    init: Tensor  # [3, H, W]
+    masks: Tensor | None  # [S, 1, H, W] in [0, 1], or None
+    colour_content: Tensor  # [3, H, W]: the content as it is (the output's chroma under color=luminance)
+    blend: tuple[float, ...]  # w_s per style, summing to 1
+
+
+def stage_inputs(job: Job, long_side: int | None = None) -> StageInputs:
+    """Resize a job's images for a stage (long side ``long_side``), load its masks, apply ``params.color``."""
+    params = job.params
+    content, styles, init = _resized_inputs(params, job.content, job.styles, job.init_image, long_side)
+    size = (content.shape[2], content.shape[1])
+    masks = None
+    if job.style_masks is not None:
+        masks = torch.stack([images.mask_tensor(m, size, f"style mask {k + 1}") for k, m in enumerate(job.style_masks)])
+    net_content, net_styles, net_init = color.network_inputs(params.color, content, styles, init, init_is_style=params.init == "style")
+    return StageInputs(net_content, net_styles, net_init, masks, content, params.blend_weights(len(styles)))
+
+
+def result_image(params: StyleParams, optimised: Tensor, inputs: StageInputs) -> Tensor:
+    """The image an optimised tensor ``[3, H, W]`` stands for (colour put back under ``color=luminance``), in [0, 1]."""
+    return color.output_image(params.color, optimised, inputs.colour_content.to(optimised.device))
+
+
+def batch_style_targets(
+    network: Network, params: StyleParams, stage: Sequence[StageInputs], cache: StyleTargetCache | None = None
+) -> tuple[dict[str, Tensor], StyleGuidance | None]:
+    """The style targets of a batch at one stage, per style layer.
+
+    Without masks: each item's styles blended, ``A = sum_s w_s A_s`` -> ``[B, N, N]``.
+    With masks: one target per style, ``[B, S, N, N]``, and the masks and weights that guide them.
+    Each style's Grams come through ``cache`` when given.
+    """
+    layers = params.style_layers
+    get = cache.get if cache is not None else style_targets
+    per_item = [[get(network, style, layers) for style in inputs.styles] for inputs in stage]
+    weights = [inputs.blend for inputs in stage]
+    if stage[0].masks is None:
+        blended = [{n: blend_grams([t[n] for t in targets], w) for n in layers} for targets, w in zip(per_item, weights)]
+        return _stack_targets(blended), None
+    guided = [{n: torch.stack([t[n][0] for t in targets]).unsqueeze(0) for n in layers} for targets in per_item]
+    masks = torch.stack([inputs.masks for inputs in stage if inputs.masks is not None]).to(network.device)
+    if masks.shape[0] != len(stage):
+        raise ValueError("items of a batch must all have style masks or none")
+    guidance = StyleGuidance(masks=masks, weights=torch.tensor(weights, device=network.device))
+    return _stack_targets(guided), guidance
 
 
 def output_size(content: Image.Image, long_side: int) -> tuple[int, int]:
@@ -321,7 +425,7 @@ def output_size(content: Image.Image, long_side: int) -> tuple[int, int]:
 
 
 def _stack_targets(per_item: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    return {name: torch.cat([t[name] for t in per_item]) for name in per_item[0]}
+    return {name: torch.cat([t[name] for t in per_item]) for name in per_item[0]} if per_item else {}
 
 
 def estimate_item_bytes(height: int, width: int, params: StyleParams) -> int:
@@ -352,13 +456,17 @@ def stylize_batch(
     content images must resize to the same height and width. Each item's
     result equals what it gets alone, up to floating-point reassociation.
     Coarse-to-fine (``params.scales``): each stage optimises at its size,
-    starting from the previous stage's result upsampled.
+    starting from the previous stage's result upsampled. An item with
+    ``save_every`` > 0 gets a snapshot of its image every that many iterations
+    (as it would be output: colour put back under ``color=luminance``).
     """
     if not jobs:
         return []
     params = jobs[0].params
     if any(job.params.batch_key() != params.batch_key() for job in jobs):
         raise ValueError("items of a batch must share every parameter but seed, init and output_format")
+    for job in jobs:
+        job.check()
     if network is None:
         network = load_network(
             params.weights,
@@ -366,29 +474,34 @@ def stylize_batch(
             device=resolve_device(params.device),
             weights_path=weights_path,
             weights_sha256=params.weights_sha256,
+            normalize=params.normalize_network,
         )
+    elif network.normalized != params.normalize_network:
+        raise ValueError(f"normalize_network={params.normalize_network} but the network given is {'' if network.normalized else 'not '}normalised")
     started = time.perf_counter()
     x: Tensor | None = None
     histories: list[list[dict[str, float]]] = [[] for _ in jobs]
+    snapshots: list[list[tuple[int, Image.Image]]] = [[] for _ in jobs]
     reasons = ["iterations"] * len(jobs)
     done_iterations = 0
+    stage: list[StageInputs] = []
     for long_side, stage_iterations in params.stages:
-        prepared = [prepare_images(job.params, job.content, job.style, job.init_image, long_side) for job in jobs]
-        shapes = {tuple(c.shape) for c, _, _ in prepared}
+        stage = [stage_inputs(job, long_side) for job in jobs]
+        shapes = {tuple(inputs.content.shape) for inputs in stage}
         if len(shapes) != 1:
             raise ValueError(f"items of a batch must have the same size at {long_side} px, got {sorted(shapes)}")
-        p_content = _stack_targets([content_targets(network, c, params.content_layers) for c, _, _ in prepared])
-        get_style = cache.get if cache is not None else style_targets
-        a_style = _stack_targets([get_style(network, st, params.style_layers) for _, st, _ in prepared])
+        p_content = _stack_targets([content_targets(network, inputs.content, params.content_layers) for inputs in stage])
+        a_style, guidance = batch_style_targets(network, params, stage, cache)
         if x is None:
-            start_images = torch.stack([init for _, _, init in prepared])
+            start_images = torch.stack([inputs.init for inputs in stage])
         else:  # coarse-to-fine: continue from the previous stage's result
-            size = prepared[0][0].shape[-2:]
+            size = stage[0].content.shape[-2:]
             start_images = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
         remaining = None if time_limit_s is None else time_limit_s - (time.perf_counter() - started)
         run = optimise(
             network, params, start_images, p_content, a_style,
             iterations=stage_iterations, callback=callback, time_limit_s=remaining, first_iteration=done_iterations + 1,
+            guidance=guidance, snapshot=_snapshot_taker(jobs, stage, snapshots),
         )  # fmt: skip
         for b, rows in enumerate(run.histories):
             histories[b] += [{**row, "size": long_side} for row in rows] if len(params.stages) > 1 else rows
@@ -399,7 +512,7 @@ def stylize_batch(
     wall = time.perf_counter() - started
     return [
         StyleResult(
-            image=x[b].clamp(0, 1).cpu(),
+            image=result_image(job.params, x[b], stage[b]).cpu(),
             history=histories[b],
             iterations=len(histories[b]),
             wall_time_s=wall,
@@ -408,31 +521,57 @@ def stylize_batch(
             params=job.params,
             stop_reason=reasons[b],
             extra={"batch_size": len(jobs)},
+            snapshots=_ran(snapshots[b], histories[b]),
         )
         for b, job in enumerate(jobs)
     ]
 
 
+def _ran(snapshots: list[tuple[int, Image.Image]], history: list[dict[str, float]]) -> list[tuple[int, Image.Image]]:
+    """The snapshots of iterations an item ran (one that stopped early runs on in its batch, frozen)."""
+    ran = {int(row["iteration"]) for row in history}
+    return [(i, image) for i, image in snapshots if i in ran]
+
+
+def _snapshot_taker(
+    jobs: Sequence[Job], stage: list[StageInputs], out: list[list[tuple[int, Image.Image]]]
+) -> SnapshotHook | None:
+    """A hook that appends ``(iteration, image)`` to ``out[b]`` every ``save_every`` iterations of item ``b``."""
+    if not any(job.params.save_every for job in jobs):
+        return None
+
+    def take(iteration: int, x: Tensor) -> None:
+        for b, job in enumerate(jobs):
+            every = job.params.save_every
+            if every and iteration % every == 0:
+                out[b].append((iteration, images.to_pil(result_image(job.params, x[b], stage[b]))))
+
+    return take
+
+
 def stylize(
     content: Image.Image,
-    style: Image.Image,
+    style: Image.Image | Sequence[Image.Image],
     params: StyleParams | None = None,
     *,
     init_image: Image.Image | None = None,
+    style_masks: Sequence[Image.Image] | None = None,
     network: Network | None = None,
     weights_path: str | None = None,
     callback: Callback | None = None,
     cache: StyleTargetCache | None = None,
     time_limit_s: float | None = None,
 ) -> StyleResult:
-    """Stylise one content image with one style image (a batch of one).
+    """Stylise one content image with one style image, or several (a batch of one).
 
-    Images are RGB PIL images (see :func:`nst_core.images.load_image`).
+    Images are RGB PIL images (see :func:`nst_core.images.load_image`);
+    ``style`` may be a sequence of images (blended by ``params.style_blend_weights``),
+    ``style_masks`` one mask per style (spatial control).
     ``network`` defaults to the cached VGG-19 for ``params.weights``;
     ``weights_path`` is the local copy of a remote weights file; ``cache``
     reuses style targets across calls.
     """
-    job = Job(content, style, params or StyleParams(), init_image)
+    job = Job(content, style, params or StyleParams(), init_image, style_masks)
     return stylize_batch(
         [job], network=network, weights_path=weights_path, callback=callback, cache=cache, time_limit_s=time_limit_s
     )[0]

@@ -122,6 +122,31 @@ def resized_tensor(image: Image.Image, *, long_side: int | None = None, exact: t
     return to_tensor(image)
 
 
+MASK_ASPECT_TOLERANCE = 0.02
+
+
+def mask_tensor(image: Image.Image, size: tuple[int, int], label: str = "mask") -> Tensor:
+    """A mask image -> ``[1, H, W]`` in [0, 1] at ``size`` = (width, height): its luminance, box-filtered.
+
+    White (1) marks the region, black (0) the rest; grey values weight it. Refused when its aspect
+    ratio differs from ``size``'s by more than 2 % (a mask drawn for another image) or when it is all black.
+    """
+    width, height = size
+    ratio, want = image.size[0] / image.size[1], width / height
+    if abs(ratio / want - 1.0) > MASK_ASPECT_TOLERANCE:
+        raise ImageError(
+            f"{label}: aspect ratio {image.size[0]}x{image.size[1]} does not match the content image's "
+            f"{width}x{height} (a mask must be drawn on the content image)"
+        )
+    grey = image.convert("L")
+    if grey.size != size:
+        grey = grey.resize(size, Image.Resampling.BOX)
+    array = np.asarray(grey, dtype=np.float32) / 255.0
+    if float(array.max()) <= 0.0:
+        raise ImageError(f"{label}: the mask is all black (its style would apply nowhere)")
+    return torch.from_numpy(array.copy()).unsqueeze(0)
+
+
 def check_min_side(tensor: Tensor, min_side: int, label: str) -> None:
     """Refuse an image smaller than the network's deepest layer needs."""
     h, w = tensor.shape[-2:]

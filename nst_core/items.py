@@ -3,7 +3,9 @@
 An item is one stylisation. Its id is the sha256 of a canonical JSON of
 everything that determines the output image:
 
-* the sha256 of every input file's bytes (content, style, init image),
+* the sha256 of every input file's bytes by role (``content``, ``style``,
+  ``style_1``... for further styles, ``style_mask``, ``style_mask_1``...,
+  ``init``),
 * every parameter that changes the output (``StyleParams.identity()``: not
   ``device``, not progress settings),
 * the weights id (``imagenet:IMAGENET1K_V1``, ``random:N`` or the sha256 of
@@ -11,7 +13,9 @@ everything that determines the output image:
 * :data:`~nst_core.engine.ENGINE_VERSION`.
 
 Outputs live under ``{output_uri}/items/{item_id}/``; ``meta.json`` is written
-last and is the mark of a finished item.
+last and is the mark of a finished item. With ``save_every``, snapshots of the
+image as it forms are in ``snapshots/iter-NNNNN.png``, listed in order (paths
+relative to the item folder) under ``meta.json``'s ``snapshots`` key.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from nst_core.engine import ENGINE_VERSION, StyleResult
 from nst_core.params import StyleParams
 
 META_FILE = "meta.json"
+SNAPSHOT_FOLDER = "snapshots"
 OUTPUT_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -75,6 +80,11 @@ class ItemPaths:
     @property
     def meta(self) -> str:
         return storage.join(self.folder, META_FILE)
+
+    @staticmethod
+    def snapshot_name(iteration: int) -> str:
+        """A snapshot's path relative to the item folder (as ``meta.json``'s ``snapshots`` lists it)."""
+        return f"{SNAPSHOT_FOLDER}/iter-{iteration:05d}.png"
 
 
 def build_meta(

@@ -21,13 +21,26 @@ Two normalisations (``StyleParams.loss_normalization``):
 Gram matrices are compared per position (``G / M``), which equals the
 paper's form when the two images have the same size and stays meaningful
 when the style image has another size (``style_scale``, other aspect ratio).
+
+Several styles (Gatys et al. 2017, and the classic implementations):
+
+* blending: the target is the weighted mix ``A = sum_s w_s A_s`` of the
+  styles' per-position Grams, ``sum_s w_s = 1`` (:func:`blend_grams`);
+* spatial control: style ``s`` holds only in the region of its mask
+  ``m_s`` (``[1, H, W]`` in [0, 1], at the image's size, averaged down to
+  each layer's size). Its guided Gram is the Gram of the masked features per
+  unit of mask, ``G_s = (F o m_s)(F o m_s)^T / sum_k m_sk^2`` (the mean
+  Gram inside the region), and the style term is
+  ``E_l = sum_s w_s E_l(G_s, A_s)`` (:func:`guided_style_layer_loss`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 _EPS = 1e-12
@@ -57,15 +70,60 @@ def content_loss(features: Tensor, target: Tensor, normalization: str = "target"
     return squared_error / _per_item_sum(target.square().expand_as(features)).clamp_min(_EPS)
 
 
-def style_layer_loss(features: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
-    """Style term E_l at one layer; ``target_gram`` is a per-position Gram (A / M_s), ``[B|1, N, N]``."""
-    n = features.shape[1]
-    gram = mean_gram(features)
+def gram_loss(gram: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
+    """E_l of two per-position Grams ``[B, N, N]`` and ``[B|1, N, N]``, per item ``[B]``."""
+    n = gram.shape[-1]
     squared_error = _per_item_sum((gram - target_gram).square())
     if normalization == "paper":
         # sum (G - A)^2 / (4 N^2 M^2) == sum (G/M - A/M)^2 / (4 N^2)
         return squared_error / (4.0 * n * n)
     return squared_error / _per_item_sum(target_gram.square().expand_as(gram)).clamp_min(_EPS)
+
+
+def style_layer_loss(features: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
+    """Style term E_l at one layer; ``target_gram`` is a per-position Gram (A / M_s), ``[B|1, N, N]``."""
+    return gram_loss(mean_gram(features), target_gram, normalization)
+
+
+def blend_grams(grams: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_s w_s A_s``: the target of a blend of styles (weights already normalised to sum 1)."""
+    if len(grams) != len(weights) or not grams:
+        raise ValueError(f"{len(grams)} Gram matrices for {len(weights)} blend weights")
+    mixed = weights[0] * grams[0]
+    for weight, gram in zip(weights[1:], grams[1:]):
+        mixed = mixed + weight * gram
+    return mixed
+
+
+def layer_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """A mask ``[B, 1, H, W]`` at the image's size averaged down to a layer's ``(h, w)`` (area interpolation)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size=tuple(size), mode="area")
+
+
+def guided_gram(features: Tensor, mask: Tensor) -> Tensor:
+    """``(F o m)(F o m)^T / sum_k m_k^2`` for features ``[B, N, h, w]`` and a mask ``[B, 1, h, w]``: ``[B, N, N]``.
+
+    With a mask of ones this is :func:`mean_gram`.
+    """
+    weight = mask.square().flatten(1).sum(1).clamp_min(_EPS)
+    return gram_matrix(features * mask) / weight[:, None, None]
+
+
+def guided_style_layer_loss(
+    features: Tensor, target_grams: Tensor, masks: Tensor, weights: Tensor, normalization: str = "target"
+) -> Tensor:
+    """``E_l = sum_s w_s E_l(G_s, A_s)`` with guided Grams ``G_s`` (see the module docstring).
+
+    ``target_grams`` ``[B|1, S, N, N]``, ``masks`` ``[B|1, S, 1, H, W]`` at the image's size,
+    ``weights`` ``[B|1, S]`` summing to 1 per item.
+    """
+    total = features.new_zeros(features.shape[0])
+    for s in range(target_grams.shape[1]):
+        m = layer_mask(masks[:, s], features.shape[-2:])
+        total = total + weights[:, s] * gram_loss(guided_gram(features, m), target_grams[:, s], normalization)
+    return total
 
 
 def tv_loss(image: Tensor, normalization: str = "target") -> Tensor:
@@ -94,21 +152,44 @@ class LossWeights:
         return frozenset(self.content_layers) | frozenset(self.style_layers)
 
 
+@dataclass(frozen=True)
+class StyleGuidance:
+    """Spatial control of several styles: one mask and one blend weight per style and item."""
+
+    masks: Tensor  # [B, S, 1, H, W] in [0, 1], at the optimised image's size
+    weights: Tensor  # [B|1, S], each row summing to 1
+
+
 class GatysLoss(nn.Module):
     """alpha * content + beta * sum_l w_l E_l + gamma * tv, reported term by term.
 
     Holds the targets of a batch: content features ``[B, ...]`` per content
-    layer and per-position style Grams ``[B, N, N]`` per style layer.
+    layer and per-position style Grams ``[B, N, N]`` per style layer (with
+    ``guidance``: ``[B, S, N, N]``, one per style, compared with guided Grams).
     ``forward`` returns the total per item ``[B]`` and a dict of named terms,
     each ``[B]`` and unweighted: ``content``, ``style`` (= sum_l w_l E_l),
     ``tv`` and ``style:<layer>`` (= E_l).
     """
 
-    def __init__(self, weights: LossWeights, content_targets: dict[str, Tensor], style_targets: dict[str, Tensor]):
+    def __init__(
+        self,
+        weights: LossWeights,
+        content_targets: dict[str, Tensor],
+        style_targets: dict[str, Tensor],
+        guidance: StyleGuidance | None = None,
+    ):
         super().__init__()
         self.weights = weights
         self.content_targets = content_targets
         self.style_targets = style_targets
+        self.guidance = guidance
+
+    def style_term(self, features: Tensor, name: str) -> Tensor:
+        """E_l at layer ``name``: plain or guided Gram matching."""
+        g, norm = self.guidance, self.weights.normalization
+        if g is None:
+            return style_layer_loss(features, self.style_targets[name], norm)
+        return guided_style_layer_loss(features, self.style_targets[name], g.masks, g.weights, norm)
 
     def forward(self, features: dict[str, Tensor], image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         w = self.weights
@@ -120,7 +201,7 @@ class GatysLoss(nn.Module):
         content = content / max(len(w.content_layers), 1)
         style = zero
         for name, layer_weight in w.style_layers.items():
-            e_l = style_layer_loss(features[name], self.style_targets[name], w.normalization)
+            e_l = self.style_term(features[name], name)
             terms[f"style:{name}"] = e_l
             style = style + layer_weight * e_l
         tv = tv_loss(image, w.normalization) if w.tv > 0 else zero

@@ -2,7 +2,9 @@
 
 Columns:
 
-* required ``content_uri``, ``style_uri``;
+* required ``content_uri``, ``style_uri`` (``style_uri`` may list several
+  styles, ``a.jpg|b.jpg``, blended by ``style_blend_weights`` or placed by
+  ``style_masks``);
 * optional ``id`` (unique; defaults to the row number);
 * any :class:`~nst_core.params.StyleParams` field (a blank cell means the
   run's default; lists ``|``-separated);
@@ -28,13 +30,22 @@ from pydantic import ValidationError
 
 from nst_core import storage
 from nst_core.errors import NSTError
-from nst_core.params import StyleParams
+from nst_core.params import StyleInputsError, StyleParams
 
 REQUIRED_COLUMNS = ("content_uri", "style_uri")
 ID_COLUMN = "id"
 META_PREFIX = "meta_"
 MAX_ID_LENGTH = 200
 MAX_URI_LENGTH = 2048
+
+
+def input_role(kind: str, index: int) -> str:
+    """The role name of the ``index``-th (0-based) style or style mask: ``style``, ``style_1``, ...
+
+    Roles name the inputs whose sha256 enter ``item_id`` and ``meta.json``'s ``inputs``; the first keeps
+    the plain name, so single-style items keep their ids.
+    """
+    return kind if index == 0 else f"{kind}_{index}"
 
 
 class ManifestError(NSTError):
@@ -53,9 +64,21 @@ class RowSpec:
     meta: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)  # the row's own parameter cells
 
+    @property
+    def style_uris(self) -> tuple[str, ...]:
+        """The row's style images (``style_uri`` lists several separated by ``|``)."""
+        return tuple(self.style_uri.split("|"))
+
+    def style_roles(self) -> list[str]:
+        return [input_role("style", k) for k in range(len(self.style_uris))]
+
+    def mask_roles(self) -> list[str]:
+        return [input_role("style_mask", k) for k in range(len(self.params.style_masks or ()))]
+
     def input_uris(self) -> dict[str, str]:
-        """Every input file of this row, by role."""
-        uris = {"content": self.content_uri, "style": self.style_uri}
+        """Every input file of this row, by role: content, style[_k], style_mask[_k], init."""
+        uris = {"content": self.content_uri, **dict(zip(self.style_roles(), self.style_uris, strict=True))}
+        uris.update(zip(self.mask_roles(), self.params.style_masks or (), strict=True))
         if self.params.init_is_image:
             uris["init"] = self.params.init
         return uris
@@ -154,7 +177,7 @@ def check_uri(uri: str, *, allow_local_paths: bool, base_dir: str | None = None)
     if any(ord(ch) < 32 for ch in uri):
         raise ValueError("contains control characters")
     if "|" in uri:
-        raise ValueError("lists several URIs ('|'); one image per column is supported")
+        raise ValueError("lists several URIs ('|'); only style_uri (and style_masks) may list several images")
     try:
         parsed = storage.parse_uri(uri)
     except ValueError as exc:
@@ -169,6 +192,21 @@ def check_uri(uri: str, *, allow_local_paths: bool, base_dir: str | None = None)
     if base_dir is not None and not os.path.isabs(path):
         path = os.path.normpath(os.path.join(base_dir, path))
     return path
+
+
+def check_style_uris(value: str, *, allow_local_paths: bool, base_dir: str | None = None) -> str:
+    """``style_uri``: one URI, or several separated by ``|``; returns them normalised, ``|``-joined.
+
+    Raises ``ValueError`` with the reason (naming which style when there are several).
+    """
+    parts = [part.strip() for part in value.split("|")]
+    checked = []
+    for k, part in enumerate(parts):
+        try:
+            checked.append(check_uri(part, allow_local_paths=allow_local_paths, base_dir=base_dir))
+        except ValueError as exc:
+            raise ValueError(f"{exc}" if len(parts) == 1 else f"(style {k + 1} of {len(parts)}) {exc}") from None
+    return "|".join(checked)
 
 
 def _row_params(
@@ -230,8 +268,9 @@ def parse_manifest(
         uris: dict[str, str] = {}
         bad = False
         for column in REQUIRED_COLUMNS:
+            check = check_style_uris if column == "style_uri" else check_uri
             try:
-                uris[column] = check_uri(record[column], allow_local_paths=allow_local_paths, base_dir=base_dir)
+                uris[column] = check(record[column], allow_local_paths=allow_local_paths, base_dir=base_dir)
             except ValueError as exc:
                 refuse(column, f"{column} {exc}")
                 bad = True
@@ -253,6 +292,19 @@ def parse_manifest(
                     params = params.with_overrides(init=init)
             except ValueError as exc:
                 refuse("init", f"init {exc}")
+                continue
+        try:
+            params.check_styles(len(uris["style_uri"].split("|")))
+        except StyleInputsError as exc:
+            refuse(exc.field, str(exc))
+            continue
+        if params.style_masks is not None:
+            try:
+                masks = tuple(check_uri(m, allow_local_paths=allow_local_paths, base_dir=base_dir) for m in params.style_masks)
+                if masks != params.style_masks:
+                    params = params.with_overrides(style_masks=masks)
+            except ValueError as exc:
+                refuse("style_masks", f"style_masks {exc}")
                 continue
         if params.weights not in ("imagenet",) and not params.weights.startswith("random:"):
             try:

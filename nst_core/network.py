@@ -19,7 +19,24 @@ Weights are named by a string (the ``weights`` style parameter):
   (``s3://``) are fetched to a local cache by the caller first.
 
 Networks are cached per process: loading happens once per
-(weights, device) and every pooling variant shares the same parameters.
+(weights, device, normalisation) and every pooling variant shares the same
+parameters.
+
+The normalised network (``normalize_network``, Gatys et al. 2015: "We
+normalized the network by scaling the weights such that the mean activation of
+each convolutional filter over images and positions is equal to one") is a
+separate cached trunk: :func:`normalize_trunk` rescales each convolution's
+filter ``c`` (weights and bias) by ``1 / mu_c``, where ``mu_c`` is the mean of
+``relu(conv)`` channel ``c`` over the calibration images
+(:func:`calibration_images`) and all positions. A ReLU network is positively
+homogeneous, so (with the next convolution's input weights scaled by ``mu_c``
+in turn) every activation becomes ``a_c / mu_c``: the scale of each channel
+changes and nothing else. The means are measured with the trunk's own max
+pooling (the network as trained, as in the paper); the average-pooling variant
+shares the rescaled filters, so its means are exactly 1 in block 1 and below 1
+deeper (average pooling passes on less than max pooling does). A channel that
+(almost) never fires on the calibration set is scaled as if its mean were
+:data:`MEAN_FLOOR` times its layer's median, so its mean ends below 1.
 """
 
 from __future__ import annotations
@@ -81,10 +98,14 @@ def min_image_side(layers: list[str] | tuple[str, ...]) -> int:
 
 
 def _build_features() -> nn.Sequential:
-    """torchvision's VGG-19 convolutional trunk, with named children."""
-    from torchvision.models import vgg19
+    """torchvision's VGG-19 convolutional trunk, with named children.
 
-    trunk = vgg19(weights=None).features
+    Built with torchvision's own ``make_layers`` for config "E" (what ``vgg19().features`` is), without
+    the 120M-parameter classifier whose random initialisation alone takes seconds.
+    """
+    from torchvision.models.vgg import cfgs, make_layers
+
+    trunk = make_layers(cfgs["E"], batch_norm=False)
     layers: dict[str, nn.Module] = {}
     for name, module in zip(LAYER_NAMES, trunk, strict=True):
         if isinstance(module, nn.ReLU):
@@ -224,6 +245,77 @@ def _load_into(features: nn.Sequential, state: dict[str, Tensor], source: str) -
     features.load_state_dict({k: state[k] for k in expected})
 
 
+CALIBRATION_IMAGES, CALIBRATION_SIZE, CALIBRATION_SEED = 8, 128, 0
+MEAN_FLOOR = 0.1
+"""A channel whose mean is below this fraction of its layer's median is normalised as if at the floor."""
+
+
+def calibration_images(count: int = CALIBRATION_IMAGES, size: int = CALIBRATION_SIZE, seed: int = CALIBRATION_SEED) -> Tensor:
+    """The fixed image set the network is normalised on: ``[count, 3, size, size]`` in [0, 1].
+
+    Seeded colour noise with a 1/f amplitude spectrum (the spectrum of natural
+    images), the colour channels correlated as in photographs, stretched to
+    [0, 1] per image. ImageNet images cannot be shipped here, and the set must
+    not depend on the run's inputs (the normalised network is computed once
+    per weights), so it is generated.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    fy = torch.fft.fftfreq(size).view(-1, 1)
+    fx = torch.fft.rfftfreq(size).view(1, -1)
+    amplitude = 1.0 / torch.sqrt(fx**2 + fy**2).clamp_min(1.0 / size)
+    mixing = torch.tensor([[0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.2, 0.3, 0.5]])
+    out = []
+    for _ in range(count):
+        phase = torch.rand(3, size, size // 2 + 1, generator=gen) * 2 * torch.pi
+        spectrum = amplitude * torch.polar(torch.ones_like(phase), phase)
+        noise = torch.fft.irfft2(spectrum, s=(size, size))  # [3, size, size]
+        base = torch.randn(1, 3, generator=gen) @ mixing  # a random colour cast per image
+        img = torch.einsum("ij,jhw->ihw", mixing, noise) + 0.2 * base.view(3, 1, 1) * noise.std()
+        low, high = img.amin(), img.amax()
+        out.append((img - low) / (high - low))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def normalize_trunk(trunk: nn.Sequential, images: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> dict[str, Tensor]:
+    """Rescale ``trunk``'s convolutions in place so each channel's mean ReLU activation over ``images`` is 1.
+
+    With ``mu_l`` the per-channel mean of ``relu(conv_l)`` of the original network over the images
+    and positions, every activation becomes ``a_l / mu_l``::
+
+        W_l[o, i] <- W_l[o, i] * mu_{l-1}[i] / mu_l[o],    b_l[o] <- b_l[o] / mu_l[o]
+
+    (``mu_0 = 1`` for the pixels). ReLU and pooling (max or average) commute with a positive
+    per-channel scale, so which units fire, and where, does not change. A channel that (almost)
+    never fires on the images, ``mu < MEAN_FLOOR * median(mu_l)``, is divided by that floor
+    instead: dividing by its tiny mean would blow it up wherever it does fire (seen with random
+    weights, whose deep layers have such channels; on images that fire them, they dominated the
+    Gram matrices by 10^7). Returns the divisor used per convolution.
+    """
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    means: dict[str, Tensor] = {}
+    for name, module in trunk.named_children():
+        x = module(x)
+        if isinstance(module, nn.Conv2d):
+            mu = torch.relu(x).mean(dim=(0, 2, 3))
+            means[name] = mu.clamp_min(MEAN_FLOOR * float(mu.median()))
+    previous = torch.ones(3)
+    for name, module in trunk.named_children():
+        if isinstance(module, nn.Conv2d):
+            mu = means[name]
+            module.weight.mul_(previous.view(1, -1, 1, 1) / mu.view(-1, 1, 1, 1))
+            module.bias.div_(mu)
+            previous = mu
+    return means
+
+
+def channel_means(features: "VGGFeatures", images: Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
+    """Mean activation of every channel of ``layers`` over ``images`` and positions (for checks)."""
+    with torch.no_grad():
+        feats = features(images.to(features.mean.device), layers)
+    return {name: f.mean(dim=(0, 2, 3)).cpu() for name, f in feats.items()}
+
+
 class VGGFeatures(nn.Module):
     """The VGG-19 trunk with named layers; returns the features asked for.
 
@@ -274,14 +366,15 @@ class Network:
     weights: str
     weights_id: str
     device: torch.device
+    normalized: bool = False  # filters rescaled by normalize_trunk (normalize_network)
 
     @property
     def is_random(self) -> bool:
         return self.weights_id.startswith("random:")
 
 
-_CACHE: dict[tuple[str, str | None, str, str], Network] = {}
-_TRUNKS: dict[tuple[str, str | None, str], tuple[nn.Sequential, str]] = {}
+_CACHE: dict[tuple[str, str | None, str, str, bool], Network] = {}
+_TRUNKS: dict[tuple[str, str | None, str, bool], tuple[nn.Sequential, str]] = {}
 _LOCK = threading.Lock()
 
 
@@ -302,11 +395,14 @@ def load_network(
     device: str | torch.device = "cpu",
     weights_path: str | None = None,
     weights_sha256: str | None = None,
+    normalize: bool = False,
 ) -> Network:
     """Load (once per process) VGG-19 with the given weights, pooling and device.
 
     ``weights_path`` is the local copy of a remote weights file (``s3://``);
     the caller fetches it. For a local-path ``weights`` it may be omitted.
+    ``normalize``: the normalised network (:func:`normalize_trunk`, computed on
+    the CPU once per weights and process, so every device gets the same filters).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     spec = WeightsSpec.parse(weights)
@@ -315,11 +411,11 @@ def load_network(
         raise WeightsError(f"weights {weights}: remote weights must be fetched to a local file first")
     if local and local.startswith("file://"):
         local = local.removeprefix("file://")
-    key = (weights, local, str(dev), pooling)
+    key = (weights, local, str(dev), pooling, normalize)
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
-        trunk_key = (weights, local, str(dev))
+        trunk_key = (weights, local, str(dev), normalize)
         if trunk_key not in _TRUNKS:
             trunk = _build_features()
             if spec.kind == "imagenet":
@@ -331,12 +427,14 @@ def load_network(
                 state, source = _file_state_dict(local, weights_sha256), local
             named = state if spec.kind == "random" else _to_named(state, source)
             _load_into(trunk, named, source)
+            if normalize:
+                normalize_trunk(trunk, calibration_images())
             trunk.to(dev)
             wid = weights_id(weights, local)
             _TRUNKS[trunk_key] = (trunk, wid)
         trunk, wid = _TRUNKS[trunk_key]
         features = VGGFeatures(trunk, pooling, IMAGENET_MEAN, IMAGENET_STD).to(dev)
-        net = Network(features=features, weights=weights, weights_id=wid, device=dev)
+        net = Network(features=features, weights=weights, weights_id=wid, device=dev, normalized=normalize)
         _CACHE[key] = net
         return net
 

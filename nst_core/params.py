@@ -25,6 +25,21 @@ Loss normalisation, and what ``content_weight`` (alpha) and ``style_weight``
   whose magnitudes move with the image size and the network's activation
   scale; alpha/beta must be re-tuned per size and weights (the paper used
   alpha/beta of 1e-3 to 1e-4 with its normalised network).
+
+Artistic controls (each a field like the others):
+
+* ``style_blend_weights``: with several styles (``style_uri`` lists them,
+  ``a|b``), one weight per style; :meth:`StyleParams.blend_weights` normalises
+  them to sum 1. The target is ``sum_s w_s A_s``.
+* ``style_masks``: one mask image per style (URIs, ``|``-separated only):
+  guided Gram matrices. Inputs, like the images: in :meth:`identity` only their
+  count; their bytes enter ``item_id`` through the item's inputs.
+* ``color``: ``none``, ``luminance`` or ``histogram`` (:mod:`nst_core.color`).
+* ``normalize_network``: the paper's normalised VGG-19 (:func:`nst_core.network.normalize_trunk`).
+* ``save_every``: snapshots every N iterations; not part of the identity.
+
+:meth:`StyleParams.check_styles` is the one place where the counts of the list
+controls are checked against the number of styles.
 """
 
 from __future__ import annotations
@@ -34,16 +49,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nst_core.errors import ParamsError
 from nst_core.network import LAYER_NAMES, WeightsSpec
 
 INIT_KEYWORDS = ("content", "noise", "style")
+COLOR_MODES = ("none", "luminance", "histogram")
+MAX_STYLES = 8
 
 DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 DEFAULT_CONTENT_LAYERS = ("relu4_2",)
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 
 # Parameters that never change the stylised image; left out of an item's identity.
-NON_OUTPUT_FIELDS = frozenset({"device", "max_pixels", "progress_every"})
+NON_OUTPUT_FIELDS = frozenset({"device", "max_pixels", "progress_every", "save_every"})
+# Artistic controls added after item ids were first issued: in an item's identity only when set away from
+# their default (value given here), so the ids of items made without them stay valid.
+IDENTITY_WHEN_SET: dict[str, Any] = {"style_blend_weights": None, "style_masks": None, "color": "none", "normalize_network": False}
 # Parameters that may differ between the items of one batch (they only change an item's start or encoding).
 BATCH_FREE_FIELDS = frozenset({"seed", "init", "output_format"})
 
@@ -54,6 +75,22 @@ def split_list(value: Any) -> Any:
         sep = "|" if "|" in value else ","
         return [part.strip() for part in value.split(sep) if part.strip()]
     return value
+
+
+def split_uris(value: Any) -> Any:
+    """``"a|b"`` (or a list) -> a list of stripped strings; URIs are split on ``|`` only (commas may be in keys)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split("|")]
+    return value
+
+
+class StyleInputsError(ParamsError, ValueError):
+    """Parameters that disagree with the row's inputs (a count of styles); ``field`` names the parameter."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.reason = message
 
 
 def _number(value: float) -> str:
@@ -128,13 +165,19 @@ class StyleParams(BaseModel):
     scales: tuple[float, ...] = Field((1.0,), min_length=1, max_length=8, description="Coarse-to-fine schedule: fractions of size, ascending, ending at 1 (e.g. 0.5|1). Each stage starts from the previous result, upsampled.")
     scale_iterations: tuple[int, ...] | None = Field(None, description="Iterations per stage of scales (default: iterations at every stage).")
     progress_every: int = Field(10, ge=1, le=100_000, description="Call the progress callback every N iterations.")
+    # --- artistic controls (Gatys et al. 2017, and the classic implementations' options) ---
+    style_blend_weights: tuple[float, ...] | None = Field(None, min_length=1, max_length=MAX_STYLES, description="With several styles (style URIs separated by '|'): one weight per style, normalised to sum 1; the style target is the weighted mix of their Gram matrices (blank = equal weights).")
+    style_masks: tuple[str, ...] | None = Field(None, min_length=1, max_length=MAX_STYLES, description="One mask image per style ('|'-separated paths/URIs, in the order of the styles): white where that style goes, black where it does not (guided Gram matrices). Resized to the output.")
+    color: Literal["none", "luminance", "histogram"] = Field("none", description="Colour preservation (Gatys et al. 2017): 'luminance' stylises the luminance only and keeps the content's colours; 'histogram' matches the style's colour mean and covariance to the content's first; 'none'.")
+    normalize_network: bool = Field(False, description="Rescale VGG-19's filters so every channel's mean activation over a fixed calibration set is 1 (the network of Gatys et al. 2015).")
+    save_every: int = Field(0, ge=0, le=100_000, description="Save a snapshot of the image every N iterations (0 = none). Does not change the result's identity.")
 
     @field_validator("content_layers", "style_layers", mode="before")
     @classmethod
     def _split_layers(cls, value: Any) -> Any:
         return split_list(value)
 
-    @field_validator("style_layer_weights", "scales", "scale_iterations", mode="before")
+    @field_validator("style_layer_weights", "scales", "scale_iterations", "style_blend_weights", mode="before")
     @classmethod
     def _split_weights(cls, value: Any) -> Any:
         if value is None or (isinstance(value, str) and not value.strip()):
@@ -156,6 +199,31 @@ class StyleParams(BaseModel):
     def _finite_weights(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
         if value is not None and any((not math.isfinite(w)) or w < 0 for w in value):
             raise ValueError("style layer weights must be finite and >= 0")
+        return value
+
+    @field_validator("style_blend_weights")
+    @classmethod
+    def _blend_weights(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is None:
+            return None
+        if any((not math.isfinite(w)) or w < 0 for w in value):
+            raise ValueError("style blend weights must be finite and >= 0")
+        if sum(value) <= 0:
+            raise ValueError("style blend weights must not all be 0")
+        return value
+
+    @field_validator("style_masks", mode="before")
+    @classmethod
+    def _split_masks(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return split_uris(value)
+
+    @field_validator("style_masks")
+    @classmethod
+    def _masks(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and any(not uri for uri in value):
+            raise ValueError("a style mask is empty (write one image per style, separated by '|')")
         return value
 
     @field_validator("scales")
@@ -227,11 +295,45 @@ class StyleParams(BaseModel):
     def init_is_image(self) -> bool:
         return self.init not in INIT_KEYWORDS
 
+    def blend_weights(self, n_styles: int) -> tuple[float, ...]:
+        """w_s per style, summing to 1: ``style_blend_weights / sum(style_blend_weights)``, or 1/S each.
+
+        Raises :class:`StyleInputsError` when the number of weights is not the number of styles.
+        """
+        self.check_styles(n_styles)
+        if self.style_blend_weights is None:
+            return tuple(1.0 / n_styles for _ in range(n_styles))
+        total = sum(self.style_blend_weights)
+        return tuple(w / total for w in self.style_blend_weights)
+
+    def check_styles(self, n_styles: int) -> None:
+        """Refuse a style count that the list parameters do not match (the one place counts are checked)."""
+        if not 1 <= n_styles <= MAX_STYLES:
+            raise StyleInputsError("style_uri", f"lists {n_styles} styles; 1 to {MAX_STYLES} are supported")
+        for name in ("style_blend_weights", "style_masks"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n_styles:
+                raise StyleInputsError(name, f"has {len(values)} values for {n_styles} styles (one per style, '|'-separated)")
+
     def identity(self) -> dict[str, Any]:
-        """The parameters that change the output, as JSON-ready values (for ``item_id``)."""
+        """The parameters that change the output, as JSON-ready values (for ``item_id``).
+
+        Blend weights enter normalised (``2|2`` is ``1|1`` is blank); masks enter as their count (their
+        bytes enter ``item_id`` as inputs, not their URIs); the controls of :data:`IDENTITY_WHEN_SET`
+        only when set.
+        """
         data = self.model_dump(mode="json")
         data["lr"] = self.effective_lr
-        return {k: v for k, v in sorted(data.items()) if k not in NON_OUTPUT_FIELDS}
+        if self.style_blend_weights is not None:
+            weights = self.blend_weights(len(self.style_blend_weights))
+            data["style_blend_weights"] = None if len(set(weights)) == 1 else list(weights)
+        if self.style_masks is not None:
+            data["style_masks"] = len(self.style_masks)
+        return {
+            k: v
+            for k, v in sorted(data.items())
+            if k not in NON_OUTPUT_FIELDS and not (k in IDENTITY_WHEN_SET and v == IDENTITY_WHEN_SET[k])
+        }
 
     def with_overrides(self, **changes: Any) -> "StyleParams":
         """A validated copy with some fields changed (``model_copy`` does not validate)."""

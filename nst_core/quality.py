@@ -14,17 +14,21 @@ result cannot score well by exploiting the very network it was fitted to:
   ``sum (F - P)^2 / sum P^2``.
 
 Both are the ``target``-normalised loss terms, measured by another network.
+With several styles, the style distance is to the blend of their Grams
+(``sum_s w_s A_s``, the blend weights of the parameters); masks and colour
+modes are not taken into account (the distance is to the paintings as given).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from nst_core.losses import content_loss, mean_gram, style_layer_loss
+from nst_core.losses import blend_grams, content_loss, mean_gram, style_layer_loss
 from nst_core.network import Network, load_network
 from nst_core.params import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams
 
@@ -60,15 +64,17 @@ class Quality:
 
 
 @torch.no_grad()
-def style_distance(network: Network, image: Tensor, style: Tensor) -> float:
-    """Mean relative Gram error of ``image`` ``[3, H, W]`` to ``style`` ``[3, h, w]``."""
+def style_distance(network: Network, image: Tensor, style: Tensor | Sequence[Tensor], blend: Sequence[float] | None = None) -> float:
+    """Mean relative Gram error of ``image`` ``[3, H, W]`` to ``style`` ``[3, h, w]`` (or to a blend of styles)."""
     layers = list(DEFAULT_STYLE_LAYERS)
+    styles = [style] if isinstance(style, Tensor) else list(style)
+    weights = list(blend) if blend is not None else [1.0 / len(styles)] * len(styles)
     f_img = network.features(image.unsqueeze(0).to(network.device), layers)
-    f_sty = network.features(style.unsqueeze(0).to(network.device), layers)
+    f_sty = [network.features(s.unsqueeze(0).to(network.device), layers) for s in styles]
     terms = [
-        style_layer_loss(f_img[n], mean_gram(f_sty[n]))
+        style_layer_loss(f_img[n], blend_grams([mean_gram(f[n]) for f in f_sty], weights))
         for n in layers
-        if min(_positions(f_img[n]), _positions(f_sty[n])) >= MIN_GRAM_POSITIONS
+        if min(_positions(f_img[n]), *(_positions(f[n]) for f in f_sty)) >= MIN_GRAM_POSITIONS
     ]
     if not terms:
         raise ValueError("images too small to measure a style distance")
@@ -88,19 +94,30 @@ def content_distance(network: Network, image: Tensor, content: Tensor) -> float:
     return float(sum(content_loss(f_img[n], f_con[n]) for n in layers) / len(layers))
 
 
-def measure(image: Tensor, content: Tensor, style: Tensor, optimised_weights_id: str, device: str | torch.device = "cpu") -> Quality:
+def measure(
+    image: Tensor, content: Tensor, style: Tensor | Sequence[Tensor], optimised_weights_id: str,
+    device: str | torch.device = "cpu", blend: Sequence[float] | None = None,
+) -> Quality:  # fmt: skip
     """Style and content distances of an output, judged by another network."""
     net = judge_network(optimised_weights_id, device)
     return Quality(
-        style_distance=style_distance(net, image.clamp(0, 1), style),
+        style_distance=style_distance(net, image.clamp(0, 1), style, blend),
         content_distance=content_distance(net, image.clamp(0, 1), content),
         judge_weights=net.weights_id,
     )
 
 
-def measure_result(image: Tensor, content: "Image.Image", style: "Image.Image", params: StyleParams, optimised_weights_id: str, device: str | torch.device = "cpu") -> Quality:
-    """:func:`measure` for an engine output, with content and style prepared as the engine prepared them."""
+def measure_result(
+    image: Tensor, content: "Image.Image", style: "Image.Image | Sequence[Image.Image]", params: StyleParams,
+    optimised_weights_id: str, device: str | torch.device = "cpu",
+) -> Quality:  # fmt: skip
+    """:func:`measure` for an engine output, with content and style(s) resized as the engine resized them."""
+    from PIL import Image
+
     from nst_core.engine import prepare_images
 
-    content_t, style_t, _ = prepare_images(params.with_overrides(init="content"), content, style)
-    return measure(image, content_t, style_t, optimised_weights_id, device)
+    styles = [style] if isinstance(style, Image.Image) else list(style)
+    plain = params.with_overrides(init="content")
+    prepared = [prepare_images(plain, content, s) for s in styles]
+    content_t = prepared[0][0]
+    return measure(image, content_t, [p[1] for p in prepared], optimised_weights_id, device, params.blend_weights(len(styles)))

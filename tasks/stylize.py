@@ -247,9 +247,16 @@ def _failed(work: Work, error: str) -> Outcome:
     return outcome_for_row(work.row, "failed", error=error, item_id=work.item_id)
 
 
+def _job(work: Work, loaded: dict[str, Any]) -> engine.Job:
+    """The engine's job for a row whose inputs are loaded (by role: content, style[_k], style_mask[_k], init)."""
+    row = work.row
+    masks = tuple(loaded[role] for role in row.mask_roles()) if row.params.style_masks is not None else None
+    return engine.Job(loaded["content"], tuple(loaded[role] for role in row.style_roles()), row.params, loaded.get("init"), masks)
+
+
 def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult]:
     params = batch[0][0].row.params
-    jobs = [engine.Job(loaded["content"], loaded["style"], work.row.params, loaded.get("init")) for work, loaded in batch]
+    jobs = [_job(work, loaded) for work, loaded in batch]
     with DEVICES.acquire(params.device) as device:
         network = load_network(
             params.weights,
@@ -257,11 +264,12 @@ def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | N
             device=device,
             weights_path=batch[0][0].weights_path,
             weights_sha256=params.weights_sha256,
+            normalize=params.normalize_network,
         )
         results = engine.stylize_batch(jobs, network=network, cache=STYLE_CACHE, time_limit_s=time_limit_s)
         for job, result in zip(jobs, results, strict=True):
             # Judged by a VGG-19 with other weights than the optimised one (see nst_core.quality).
-            score = quality.measure_result(result.image, job.content, job.style, job.params, result.weights_id, device)
+            score = quality.measure_result(result.image, job.content, job.styles, job.params, result.weights_id, device)
             result.extra["quality"] = score.as_dict()
     return results
 
@@ -295,18 +303,22 @@ def _store(work: Work, output_uri: str, result: engine.StyleResult) -> Outcome:
     storage.write_bytes(paths.image, images.encode(result.to_pil(), params.output_format), items.OUTPUT_CONTENT_TYPES[params.output_format])
     storage.write_bytes(paths.loss_csv, history.to_csv(result.history), "text/csv")
     storage.write_bytes(paths.loss_png, history.to_png(result.history, label), "image/png")
+    snapshots = []
+    for iteration, image in result.snapshots:
+        snapshots.append(paths.snapshot_name(iteration))
+        storage.write_bytes(storage.join(paths.folder, snapshots[-1]), images.encode(image, "png"), "image/png")
     inputs = {role: {"uri": storage.sanitize_uri(uri), "sha256": work.input_sha256[role]} for role, uri in row.input_uris().items()}
     meta = items.build_meta(
         item=work.item_id,
         row={"row": row.row, "id": row.id, "content_uri": storage.sanitize_uri(row.content_uri),
-             "style_uri": storage.sanitize_uri(row.style_uri), **row.overrides, **row.meta},
+             "style_uri": "|".join(map(storage.sanitize_uri, row.style_uris)), **row.overrides, **row.meta},
         params=params,
         inputs=inputs,
         weights=params.weights,
         weights_id=result.weights_id,
         result=result,
         paths=paths,
-        extra=dict(result.extra),
+        extra={**result.extra, "snapshots": snapshots},
     )  # fmt: skip
     storage.write_bytes(paths.meta, items.meta_bytes(meta), "application/json")
     return cached_outcome(work, output_uri, meta, status="succeeded")

@@ -1,0 +1,315 @@
+"""Seconds per iteration: this engine against a plain, tutorial-style reference loop.
+
+    .venv/bin/python benchmarks/engine.py                       # 64/128/256 px (+512 on CUDA)
+    .venv/bin/python benchmarks/engine.py --sizes 64,128 --iterations 10 --json bench.json
+    .venv/bin/python benchmarks/engine.py --quality             # also the quality criterion at 256 px
+
+Both sides do the same work per iteration: one forward pass of VGG-19 up to
+relu5_1 (content relu4_2, style relu1_1..relu5_1) and one backward pass, on one
+content image stylised with one style image, random weights (no download).
+
+* engine: ``nst_core.stylize`` with the network cached (loaded once, before
+  timing) and the default parameters except size and iterations.
+* reference: what a first implementation following the PyTorch tutorial looks
+  like. Per image it rebuilds torchvision's ``vgg19().features``, computes the
+  style and content targets, inserts ``nn.Module`` loss layers into a new
+  ``nn.Sequential`` after the chosen layers, and runs ``torch.optim.LBFGS``
+  with a closure that clamps the image. One image at a time.
+
+Columns: s/it is the steady-state time per loss evaluation (forward + backward
++ optimiser step), measured between the first and the last evaluation; s/image
+is the whole call for ``--iterations`` evaluations, set-up included (network
+build, resizing, targets). Ratios are reference / engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nst_core import images, quality, stylize  # noqa: E402
+from nst_core.network import load_network, resolve_device  # noqa: E402
+from nst_core.params import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams  # noqa: E402
+
+WEIGHTS = "random:0"
+
+
+def sample_images() -> tuple[Image.Image, Image.Image, str]:
+    """tubingen.jpg and starry_night.jpg from the shared samples, or seeded noise images."""
+    folder = Path(os.environ.get("NST_SAMPLE_IMAGES") or REPO.parent / "shared" / "data" / "images")
+    content, style = folder / "tubingen.jpg", folder / "starry_night.jpg"
+    if content.is_file() and style.is_file():
+        return images.load_image(content), images.load_image(style), f"{content.name} x {style.name}"
+    g = torch.Generator().manual_seed(0)
+    noise = [images.to_pil(torch.rand(3, 768, 1024, generator=g)), images.to_pil(torch.rand(3, 640, 1024, generator=g))]
+    return noise[0], noise[1], "seeded noise images (samples not found)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- this engine ----------------------------------------------------------------------------------
+
+
+def time_engine(content: Image.Image, style: Image.Image, size: int, iterations: int, device: torch.device) -> dict[str, float]:
+    # tolerance=0: exactly `iterations` evaluations (no early stop), like the reference
+    params = StyleParams(size=size, iterations=iterations, weights=WEIGHTS, device=str(device), progress_every=1, tolerance=0)
+    network = load_network(WEIGHTS, pooling=params.pooling, device=device)  # cached: loaded once per process
+    stamps: list[float] = []
+    _sync(device)
+    start = time.perf_counter()
+    stylize(content, style, params, network=network, callback=lambda info: stamps.append(time.perf_counter()))
+    _sync(device)
+    total = time.perf_counter() - start
+    return {"s_per_iteration": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), "s_per_image": total, "evaluations": len(stamps)}
+
+
+# --- the reference: tutorial style, written out plainly ----------------------------------------------
+
+
+class Normalize(nn.Module):
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(-1, 1, 1)
+        self.std = torch.tensor([0.229, 0.224, 0.225], device=device).view(-1, 1, 1)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class ContentLoss(nn.Module):
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.target = target.detach()
+        self.loss = torch.tensor(0.0)
+
+    def forward(self, x):
+        self.loss = F.mse_loss(x, self.target)
+        return x
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    f = x.view(b * c, h * w)
+    return (f @ f.t()) / (b * c * h * w)
+
+
+class StyleLoss(nn.Module):
+    def __init__(self, target_features: torch.Tensor):
+        super().__init__()
+        self.target = gram(target_features).detach()
+        self.loss = torch.tensor(0.0)
+
+    def forward(self, x):
+        self.loss = F.mse_loss(gram(x), self.target)
+        return x
+
+
+def build_model(device, style_img, content_img, content_layers, style_layers):
+    """A new VGG-19 and a new Sequential with loss modules inserted: once per image."""
+    from torchvision.models import vgg19
+
+    cnn = vgg19(weights=None).features.to(device).eval()
+    model = nn.Sequential(Normalize(device))
+    content_losses, style_losses = [], []
+    block, index = 1, 0
+    for layer in cnn.children():
+        if isinstance(layer, nn.Conv2d):
+            index += 1
+            name = f"conv{block}_{index}"
+        elif isinstance(layer, nn.ReLU):
+            name = f"relu{block}_{index}"
+            layer = nn.ReLU(inplace=False)
+        else:
+            name = f"pool{block}"
+            block, index = block + 1, 0
+        model.add_module(name, layer)
+        if name in content_layers:
+            loss = ContentLoss(model(content_img))
+            model.add_module(f"content_loss_{name}", loss)
+            content_losses.append(loss)
+        if name in style_layers:
+            loss = StyleLoss(model(style_img))
+            model.add_module(f"style_loss_{name}", loss)
+            style_losses.append(loss)
+    # cut everything after the last loss module
+    last = max(i for i, m in enumerate(model) if isinstance(m, (ContentLoss, StyleLoss)))
+    model = model[: last + 1]
+    model.requires_grad_(False)
+    return model, content_losses, style_losses
+
+
+def _to_tensor(image: Image.Image, size: tuple[int, int], device) -> torch.Tensor:
+    return images.to_tensor(image.resize(size, Image.Resampling.LANCZOS)).unsqueeze(0).to(device)
+
+
+def reference_stylize(content: Image.Image, style: Image.Image, size: int, iterations: int, device, stamps: list[float]):
+    width, height = images.fitted_size(*content.size, size)
+    content_img = _to_tensor(content, (width, height), device)
+    style_img = _to_tensor(style, (width, height), device)  # the tutorial needs equal sizes
+    model, content_losses, style_losses = build_model(device, style_img, content_img, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS)
+    x = content_img.clone().requires_grad_(True)
+    # the tutorial's LBFGS, bounded so that it makes exactly ``iterations`` evaluations
+    optimizer = torch.optim.LBFGS([x], max_iter=iterations, max_eval=iterations)
+    evaluations = [0]
+
+    def closure():
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        optimizer.zero_grad()
+        model(x)
+        style_score = sum(sl.loss for sl in style_losses)
+        content_score = sum(cl.loss for cl in content_losses)
+        loss = 1e6 * style_score + 1.0 * content_score
+        loss.backward()
+        evaluations[0] += 1
+        stamps.append(time.perf_counter())
+        return loss
+
+    while evaluations[0] < iterations:
+        optimizer.step(closure)
+    with torch.no_grad():
+        x.clamp_(0, 1)
+    return x.detach(), evaluations[0]
+
+
+def time_reference(content: Image.Image, style: Image.Image, size: int, iterations: int, device: torch.device) -> dict[str, float]:
+    stamps: list[float] = []
+    _sync(device)
+    start = time.perf_counter()
+    _, evaluations = reference_stylize(content, style, size, iterations, device, stamps)
+    _sync(device)
+    total = time.perf_counter() - start
+    return {"s_per_iteration": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), "s_per_image": total, "evaluations": evaluations}
+
+
+# --- the quality criterion at one size ------------------------------------------------------------
+
+
+def measure_quality(content: Image.Image, style: Image.Image, size: int, device: torch.device) -> dict[str, float]:
+    """Defaults (300 iterations) at ``size``; judged by a VGG-19 with other random weights."""
+    params = StyleParams(size=size, weights=WEIGHTS, device=str(device))
+    result = stylize(content, style, params)
+    photo = images.resized_tensor(content, long_side=size)
+    style_t = images.resized_tensor(style, long_side=size)
+    painting = images.resized_tensor(style, exact=(photo.shape[2], photo.shape[1]))
+    q_out = quality.measure(result.image, photo, style_t, result.weights_id, device)
+    q_photo = quality.measure(photo, photo, style_t, result.weights_id, device)
+    q_painting = quality.measure(painting, photo, style_t, result.weights_id, device)
+    ratio = q_photo.style_distance / q_out.style_distance
+    return {
+        "size": size,
+        "iterations": result.iterations,
+        "style_distance_photo": q_photo.style_distance,
+        "style_distance_output": q_out.style_distance,
+        "style_ratio": ratio,
+        "content_distance_output": q_out.content_distance,
+        "content_distance_painting": q_painting.content_distance,
+        "passes": ratio >= 5.0 and q_out.content_distance < q_painting.content_distance,
+        "wall_time_s": result.wall_time_s,
+        "judge_weights": q_out.judge_weights,
+    }
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=None, help="comma-separated long sides (default: 64,128,256, plus 512 on CUDA)")
+    parser.add_argument("--iterations", type=int, default=20, help="loss evaluations per run (default 20)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, the core count)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the short untimed run of each side per size")
+    parser.add_argument("--skip-reference", action="store_true", help="time only the engine")
+    parser.add_argument("--quality", action="store_true", help="also run the defaults (300 iterations) at --quality-size and report the quality criterion (on by default on CUDA)")
+    parser.add_argument("--quality-size", type=int, default=256)
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [64, 128, 256] + ([512] if device.type == "cuda" else [])
+    if args.iterations < 2:
+        parser.error("--iterations must be at least 2 (s/it is measured between evaluations)")
+    content, style, label = sample_images()
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+    print(f"device: {device} ({name}); torch {torch.__version__}, {torch.get_num_threads()} CPU threads; images: {label}")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (timings need an otherwise idle machine)")
+    print(f"{args.iterations} evaluations per run; weights {WEIGHTS}; engine defaults otherwise (lbfgs, avg pooling)", flush=True)
+    load_network(WEIGHTS, device=device)  # the engine's network is cached before anything is timed
+
+    rows = []
+    for size in sizes:
+        if not args.no_warmup:
+            time_engine(content, style, size, 2, device)
+            if not args.skip_reference:
+                time_reference(content, style, size, 2, device)
+        engine = time_engine(content, style, size, args.iterations, device)
+        reference = None if args.skip_reference else time_reference(content, style, size, args.iterations, device)
+        row = {"size": size, "engine": engine, "reference": reference}
+        if reference:
+            row["ratio_per_iteration"] = reference["s_per_iteration"] / engine["s_per_iteration"]
+            row["ratio_per_image"] = reference["s_per_image"] / engine["s_per_image"]
+        rows.append(row)
+        print(f"  {size} px done", file=sys.stderr, flush=True)
+
+    header = f"{'size':>5} | {'engine s/it':>11} | {'ref s/it':>9} | {'ratio':>6} | {'engine s/image':>14} | {'ref s/image':>11} | {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        e, r = row["engine"], row["reference"]
+        if r is None:
+            print(f"{row['size']:>5} | {e['s_per_iteration']:>11.4f} | {'-':>9} | {'-':>6} | {e['s_per_image']:>14.2f} | {'-':>11} | {'-':>6}")
+        else:
+            print(
+                f"{row['size']:>5} | {e['s_per_iteration']:>11.4f} | {r['s_per_iteration']:>9.4f} | {row['ratio_per_iteration']:>5.2f}x"
+                f" | {e['s_per_image']:>14.2f} | {r['s_per_image']:>11.2f} | {row['ratio_per_image']:>5.2f}x"
+            )
+
+    result = {
+        "load_average_after": os.getloadavg(),
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "iterations": args.iterations,
+        "weights": WEIGHTS,
+        "images": label,
+        "rows": rows,
+    }
+    if args.quality or device.type == "cuda":
+        q = measure_quality(content, style, args.quality_size, device)
+        result["quality"] = q
+        print(
+            f"quality at {q['size']} px ({q['iterations']} iterations, {q['wall_time_s']:.1f} s, judged by {q['judge_weights']}): "
+            f"style distance photo {q['style_distance_photo']:.4f} -> output {q['style_distance_output']:.4f} "
+            f"(x{q['style_ratio']:.1f}, needs >= 5); content distance output {q['content_distance_output']:.3f} "
+            f"vs painting {q['content_distance_painting']:.3f}: {'PASS' if q['passes'] else 'FAIL'}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
