@@ -22,6 +22,7 @@ from pydantic import Field
 
 from flows.hooks import describe_parameters, notify_failure
 from nst_core import images, storage
+from nst_core.lease import DEFAULT_TTL_S
 from nst_core.manifest import ManifestError
 from nst_core.params import StyleParams
 from nst_core.report import build_report
@@ -60,6 +61,11 @@ def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
     import dask
 
     return dask.annotate(resources={resource: 1})  # the results table artifact shows the first rows; the files have all
+
+
+def retry_delays(retries: int, first_delay_s: float, cap_s: float = 600.0) -> list[float]:
+    """Delays before each task retry: doubling from ``first_delay_s`` (a blip is retried soon, an outage waited out)."""
+    return [min(first_delay_s * 2**i, cap_s) for i in range(retries)]
 
 
 def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
@@ -121,8 +127,7 @@ def _summary_markdown(summary: dict[str, Any], failures: list[Outcome]) -> str:
         f"- outputs: `{summary['run_folder']}`",
         f"- results: `{summary['run_folder']}/results.csv` (and `.parquet`)",
         *([f"- report: `{summary['report']}` (static page with thumbnails beside it; `nst report {summary['run_folder']} --open` opens a local copy)"] if summary.get("report") else []),
-        f"- rows: {summary['rows']}; succeeded {counts['succeeded']}, cached {counts['cached']}, "
-        f"failed {counts['failed']}, invalid {counts['invalid']}",
+        f"- rows: {summary['rows']}; " + ", ".join(f"{status} {n}" for status, n in counts.items()),
         f"- wall time: {summary['wall_time_s']:.1f} s",
     ]
     if summary.get("random_weights"):
@@ -154,8 +159,11 @@ def stylize_manifest(
     item_timeout_s: Annotated[float, Field(gt=0, description="Fail an item whose optimisation runs longer than this.")] = 3600.0,
     batch_size: Annotated[int, Field(ge=0, le=256, description="Items optimised together when their size and parameters match; 0 = automatic (1 on CPU, from free GPU memory on CUDA).")] = 0,
     chunk_size: Annotated[int, Field(ge=1, le=10_000, description="Rows resolved and submitted together; bounds the task runs in flight.")] = 64,
-    retries: Annotated[int, Field(ge=0, le=20, description="Task retries on transient storage errors.")] = 2,
-    retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay between task retries.")] = 10.0,
+    retries: Annotated[int, Field(ge=0, le=20, description="Task retries on transient storage errors (unreachable endpoint, timeouts, 5xx).")] = 5,
+    retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay before the first task retry; each further retry waits twice as long (capped at 600 s).")] = 5.0,
+    lease_ttl_s: Annotated[float, Field(ge=1, le=86_400, description="How long an item's lease outlives its worker's last heartbeat (a dead worker blocks its items this long; renewed every third of it).")] = DEFAULT_TTL_S,
+    storage_patience_s: Annotated[float, Field(ge=0, le=86_400, description="How long the run's own writes (results tables, summary, report) keep retrying while storage is unreachable.")] = 300.0,
+    lease_wait_s: Annotated[float, Field(ge=0, le=86_400, description="How long to wait for an item another run is computing before reporting it in_progress_elsewhere.")] = 600.0,
 ) -> Any:
     logger = get_run_logger()
     started = time.perf_counter()
@@ -165,14 +173,16 @@ def stylize_manifest(
         first = "; ".join(bad.error for bad in manifest.invalid[:5])
         raise ManifestError(f"strict: {len(manifest.invalid)} invalid row(s), nothing was run. {first}")
     run = run_name(flow_run.get_name())
-    writer = ResultsWriter(output_uri, run)
+    owner = flow_run.get_id() or run  # leases (nst_core.lease) are held in the name of this flow run
+    writer = ResultsWriter(output_uri, run, patience_s=storage_patience_s)
     writer.add([outcome_for_invalid(bad) for bad in manifest.invalid])
     for bad in manifest.invalid:
         logger.warning("invalid %s", bad.error)
     total = max(manifest.total, 1)
     progress_id = create_progress_artifact(progress=100.0 * len(manifest.invalid) / total, key=None, description="rows finished")
-    stylize = stylize_items.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
-    resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+    delays = retry_delays(retries, retry_delay_s)
+    stylize = stylize_items.with_options(retries=retries, retry_delay_seconds=delays)
+    resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays)
     random_weights = False
     for chunk in _chunks(manifest.rows, chunk_size):
         resolved = resolve(chunk, output_uri, force)
@@ -183,7 +193,9 @@ def stylize_manifest(
                 first_of.setdefault(r.item_id, r)
         batches = plan_batches(list(first_of.values()), batch_size)
         with _gpu_annotation():
-            futures = [stylize.submit(batch, output_uri, item_timeout_s) for batch in batches]
+            futures = [
+                stylize.submit(batch, output_uri, item_timeout_s, owner, lease_ttl_s, lease_wait_s, force) for batch in batches
+            ]
         computed: dict[str, Outcome] = {}
         for batch, future in zip(batches, futures, strict=True):
             try:
@@ -207,7 +219,7 @@ def stylize_manifest(
         "random_weights": random_weights,
     }
     summary.update(writer.finish(summary))
-    summary["report"] = build_report(writer.folder)  # {run folder}/report.html + thumbs/ (nst_core/report.py)
+    summary["report"] = storage.retry_transient(lambda: build_report(writer.folder), storage_patience_s)  # {run folder}/report.html + thumbs/ (nst_core/report.py)
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     create_table_artifact(
         table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],
@@ -215,10 +227,8 @@ def stylize_manifest(
         description=f"Results of run {run} (first {TABLE_ARTIFACT_ROWS} rows; all rows in {summary['results_csv']})",
     )
     create_markdown_artifact(markdown=_summary_markdown(summary, failures), key="stylize-summary", description=f"Run {run}")
-    message = (
-        f"{counts['succeeded']} succeeded, {counts['cached']} cached, {counts['failed']} failed, "
-        f"{counts['invalid']} invalid; results in {summary['results_csv']}"
-    )
+    message = ", ".join(f"{n} {status}" for status, n in counts.items() if n or status in ("succeeded", "failed"))
+    message += f"; results in {summary['results_csv']}"
     logger.info(message)
     if counts["failed"]:
         return Failed(message=message, data=summary)

@@ -79,7 +79,19 @@ def _sibling(out: str, suffix: str) -> str:
 def _read_image(uri: str, max_pixels: int):
     from nst_core import images, storage
 
-    return images.load_image(storage.read_bytes(uri), name=uri, max_pixels=max_pixels)
+    return images.load_image(storage.read_bytes(uri), name=storage.sanitize_uri(uri), max_pixels=max_pixels)
+
+
+def _input_names(content_uri: str, style_uris: Sequence[str], params) -> dict[str, str]:
+    """How the engine's errors name each input (``engine.Job.names``): the URI as given, by role."""
+    from nst_core import engine, storage
+
+    names = {"content": content_uri}
+    names.update((engine.input_role("style", k), uri) for k, uri in enumerate(style_uris))
+    names.update((engine.input_role("style_mask", k), uri) for k, uri in enumerate(params.style_masks or ()))
+    if params.init_is_image:
+        names["init"] = params.init
+    return {role: storage.sanitize_uri(uri) for role, uri in names.items()}
 
 
 class _Progress:
@@ -144,8 +156,9 @@ def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool)
     progress = _Progress(params.iterations, enabled=not quiet)
     try:
         result = engine.stylize(
-            content, styles, params, init_image=init_image, style_masks=masks, network=network, callback=progress
-        )
+            content, styles, params, init_image=init_image, style_masks=masks, network=network, callback=progress,
+            names=_input_names(content_uri, style_uris, params),
+        )  # fmt: skip
     finally:
         progress.close()
     label = f"{os.path.basename(content_uri)} x {'|'.join(map(os.path.basename, style_uris))}  weights={result.weights_id}"
@@ -157,6 +170,12 @@ def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool)
     final = ", ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items() if ":" not in k)
     print(f"wrote {out} ({result.iterations} iterations in {result.wall_time_s:.1f} s on {result.device}; {final})")
     print(f"loss table {_sibling(out, '.loss.csv')}, loss plot {_sibling(out, '.loss.png')}")
+    if result.extra.get("divergences"):
+        fired: list[int] = result.extra["divergences"]  # type: ignore[assignment]
+        where = f"iteration{'s' if len(fired) > 1 else ''} {', '.join(map(str, fired))}"
+        print(f"L-BFGS diverged at {where}: the best image was put back and the step halved each time")
+    if result.image_iteration is not None and result.image_iteration != result.history[-1]["iteration"]:
+        print(f"the image is iteration {result.image_iteration}'s, the lowest total loss of the run")
     if result.snapshots:
         print(f"{len(result.snapshots)} snapshots {_sibling(out, '.snap-NNNNN.png')} (every {params.save_every} iterations)")
     return EXIT_OK

@@ -1,15 +1,33 @@
 """Image input and output: bytes or files in, RGB tensors in [0, 1] out, and back.
 
 Every refusal is an :class:`ImageError` with one line naming the image and the
-reason: not an image, truncated, too many pixels (decompression bomb), too
-small for the network's deepest layer.
+reason: not an image (or not one of :data:`INPUT_FORMATS`), truncated, too many
+pixels (decompression bomb), too small for the network's deepest layer.
+
+Hostile files:
+
+* only the formats of :data:`INPUT_FORMATS` are opened (Pillow would otherwise
+  try some 40 others, EPS among them, whose loader runs Ghostscript);
+* the pixel count comes from the header and is checked against ``max_pixels``
+  before anything is decoded;
+* PNG text chunks (``tEXt``/``zTXt``/``iTXt``) larger than
+  :data:`MAX_PNG_TEXT_BYTES` (raw, or once decompressed), or beyond
+  :data:`MAX_PNG_TEXT_TOTAL` in all, are ignored: the chunks are skipped before
+  Pillow parses them, so a 50 MB comment or a zTXt "zip bomb" costs neither
+  memory nor a refusal (the pixels are what is used);
+* any error Pillow raises while reading the header or decoding becomes an
+  :class:`ImageError` (never a bare ``ValueError`` that would fail a batch).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
+import zlib
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,25 +41,163 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# Pillow format ids the loader opens (multi-picture JPEGs from phone cameras open as JPEG).
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "PPM")
+_FORMAT_NAMES = "PNG, JPEG, WebP, GIF, TIFF, BMP, PPM"
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_TEXT_BYTES = 1 << 20  # per text chunk, raw or decompressed (Pillow's own PngImagePlugin.MAX_TEXT_CHUNK)
+MAX_PNG_TEXT_TOTAL = 8 << 20  # all kept text chunks together
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_ORIENTATION_KEYWORDS = (b"XML:com.adobe.xmp", b"Raw profile type exif", b"Raw profile type APP1")
+_READ_BLOCK = 1 << 16
+# What Pillow raises on corrupt or hostile files (its plugins use all of these).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 ImageSource = str | os.PathLike[str] | bytes
 
 
-def _open(source: ImageSource, name: str) -> Image.Image:
+def _inflated_size(fp: BinaryIO, start: int, stop: int, limit: int) -> int:
+    """Bytes that the zlib stream in ``fp[start:stop]`` inflates to, counted up to ``limit + 1``; 0 if corrupt."""
+    inflater = zlib.decompressobj()
+    produced = 0
+    fp.seek(start)
+    remaining = stop - start
     try:
+        while remaining > 0 and produced <= limit:
+            block = fp.read(min(_READ_BLOCK, remaining))
+            if not block:
+                break
+            remaining -= len(block)
+            produced += len(inflater.decompress(block, limit + 1 - produced))
+            if inflater.unconsumed_tail:
+                return limit + 1
+    except zlib.error:
+        return 0  # Pillow drops corrupt compressed text itself
+    return produced
+
+
+def _png_text_size(fp: BinaryIO, kind: bytes, start: int, length: int) -> int:
+    """The size of a PNG text chunk's text once decompressed (capped just above MAX_PNG_TEXT_BYTES)."""
+    if kind == b"tEXt" or length > MAX_PNG_TEXT_BYTES * 1024:  # past any zlib ratio: too big either way
+        return length
+    fp.seek(start)
+    head = fp.read(min(length, 4096))
+    keyword_end = head.find(b"\0")
+    if keyword_end < 0:
+        return length
+    if kind == b"zTXt":
+        return _inflated_size(fp, start + keyword_end + 2, start + length, MAX_PNG_TEXT_BYTES)
+    # iTXt: keyword \0 flag method language \0 translated-keyword \0 text
+    flag = head[keyword_end + 1 : keyword_end + 2]
+    language_end = head.find(b"\0", keyword_end + 3)
+    translated_end = head.find(b"\0", language_end + 1) if language_end >= 0 else -1
+    if translated_end < 0:
+        return length  # a header longer than 4 KB: not text anyone needs
+    if flag == b"\x01":
+        return _inflated_size(fp, start + translated_end + 1, start + length, MAX_PNG_TEXT_BYTES)
+    return length - translated_end - 1
+
+
+def _png_chunks(fp: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+    """(start, data length, type) of each whole chunk of a PNG up to IEND; nothing for other files.
+
+    Reads the 8-byte chunk headers only; stops at a chunk that runs past the end (a truncated
+    file is Pillow's to report).
+    """
+    fp.seek(0)
+    if fp.read(8) != PNG_SIGNATURE:
+        return
+    size = fp.seek(0, os.SEEK_END)
+    pos = 8
+    while pos + 8 <= size:
+        fp.seek(pos)
+        header = fp.read(8)
+        length, kind = int.from_bytes(header[:4], "big"), header[4:]
+        if pos + 12 + length > size or kind == b"IEND":
+            return
+        yield pos, length, kind
+        pos += 12 + length
+
+
+def _oversized_png_text(fp: BinaryIO) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of the PNG text chunks to skip; [] for other files."""
+    drop: list[tuple[int, int]] = []
+    kept = 0
+    for pos, length, kind in list(_png_chunks(fp)):
+        if kind in _PNG_TEXT_CHUNKS:
+            text = _png_text_size(fp, kind, pos + 8, length)
+            if text > MAX_PNG_TEXT_BYTES or kept + text > MAX_PNG_TEXT_TOTAL:
+                drop.append((pos, pos + 12 + length))
+            else:
+                kept += text
+    return drop
+
+
+def _png_orientation_after_pixels(fp: BinaryIO) -> bool:
+    """True when a chunk after a PNG's image data may hold an orientation (eXIf, XMP or raw-EXIF text).
+
+    Pillow reads those only by decoding the whole image first.
+    """
+    seen_pixels = False
+    for pos, length, kind in list(_png_chunks(fp)):
+        if kind == b"IDAT":
+            seen_pixels = True
+        elif seen_pixels and kind == b"eXIf":
+            return True
+        elif seen_pixels and kind in _PNG_TEXT_CHUNKS:
+            fp.seek(pos + 8)
+            keyword = fp.read(min(length, 80)).split(b"\0", 1)[0]
+            if keyword in _PNG_ORIENTATION_KEYWORDS:
+                return True
+    return False
+
+
+def _without(fp: BinaryIO, drop: list[tuple[int, int]]) -> bytes:
+    """The file's bytes with the ``drop`` ranges left out (whole chunks: every kept chunk's CRC still holds)."""
+    parts = []
+    pos = 0
+    for start, end in [*drop, (fp.seek(0, os.SEEK_END), 0)]:
+        fp.seek(pos)
+        parts.append(fp.read(start - pos))
+        pos = end
+    return b"".join(parts)
+
+
+def _open(source: ImageSource, name: str) -> Image.Image:
+    """Open (header only) with Pillow, limited to INPUT_FORMATS, oversized PNG text skipped."""
+    try:
+        opened: BinaryIO | str | os.PathLike[str]
         if isinstance(source, bytes):
             if not source:
                 raise ImageError(f"{name}: empty file (0 bytes)")
-            return Image.open(io.BytesIO(source))
-        if not os.path.isfile(source):
-            raise ImageError(f"{name}: no such file")
-        if os.path.getsize(source) == 0:
-            raise ImageError(f"{name}: empty file (0 bytes)")
-        return Image.open(source)
+            opened = io.BytesIO(source)
+            drop = _oversized_png_text(opened)
+            if drop:
+                opened = io.BytesIO(_without(opened, drop))
+            opened.seek(0)
+        else:
+            if not os.path.isfile(source):
+                raise ImageError(f"{name}: no such file")
+            if os.path.getsize(source) == 0:
+                raise ImageError(f"{name}: empty file (0 bytes)")
+            opened = source  # Pillow opens (and later closes) the file itself
+            with open(source, "rb") as file:
+                drop = _oversized_png_text(file)
+                if drop:
+                    opened = io.BytesIO(_without(file, drop))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(opened, formats=INPUT_FORMATS)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file Pillow can read") from None
+        raise ImageError(f"{name}: not an image file in a supported format ({_FORMAT_NAMES})") from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - limits are disabled above
         raise ImageError(f"{name}: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{name}: cannot read the image header ({reason}); the file may be truncated or corrupt") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -86,17 +242,29 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
             return _to_rgb(image)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _DECODE_ERRORS as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"{label}: cannot decode image ({reason}); the file may be truncated or corrupt") from None
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as displayed (EXIF orientation applied), from the header only; None if unreadable."""
+    """(width, height) as displayed (EXIF orientation applied), from the header only; None if unreadable.
+
+    Never decodes: Pillow's ``getexif()`` on a PNG decodes the whole image (to find an ``eXIf`` chunk
+    after the pixels), which for a PNG decompression bomb means gigabytes. For a PNG the metadata read
+    with the header is used, and None is returned when a chunk after the pixels may rotate it.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open(data, "image") as image, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # corrupt EXIF: the orientation is then unknown, see below
             width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
+            if image.format == "PNG":
+                if _png_orientation_after_pixels(io.BytesIO(data)):
+                    return None
+                exif = Image.Image.getexif(image)  # the base class: metadata parsed with the header only
+            else:
+                exif = image.getexif()
+            orientation = exif.get(0x0112, 1)
     except Exception:
         return None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -18,6 +18,11 @@ Two normalisations (``StyleParams.loss_normalization``):
     content_l = sum (F - P)^2 / sum P^2
     style_l   = sum (G/M - A/M_s)^2 / sum (A/M_s)^2
 
+With several content layers (``content_layers``), the content term is their
+mean, ``content = 1/|L_c| sum_l content_l`` (each layer weighs the same, and
+alpha keeps its meaning whatever the number of layers); the style term is the
+weighted sum ``sum_l w_l style_l`` with the ``style_layer_weights`` ``w_l``.
+
 Gram matrices are compared per position (``G / M``), which equals the
 paper's form when the two images have the same size and stays meaningful
 when the style image has another size (``style_scale``, other aspect ratio).
@@ -167,8 +172,10 @@ class GatysLoss(nn.Module):
     layer and per-position style Grams ``[B, N, N]`` per style layer (with
     ``guidance``: ``[B, S, N, N]``, one per style, compared with guided Grams).
     ``forward`` returns the total per item ``[B]`` and a dict of named terms,
-    each ``[B]`` and unweighted: ``content``, ``style`` (= sum_l w_l E_l),
-    ``tv`` and ``style:<layer>`` (= E_l).
+    each ``[B]`` and unweighted: ``content`` (the mean of the content layers'
+    terms: several content layers are averaged, not summed), ``style``
+    (= sum_l w_l E_l), ``tv`` and ``style:<layer>`` (= E_l). Each item's
+    terms depend on its own image and targets only.
     """
 
     def __init__(

@@ -13,9 +13,19 @@ Columns:
 
 Any other column fails the whole manifest at once, as do an empty file, a file
 that is not UTF-8 CSV, and a missing required column (:class:`ManifestError`).
+The encoding is a property of the file, so one non-UTF-8 byte fails the whole
+manifest too, with one error naming the line and byte (and saying how to fix
+it), never a ``UnicodeDecodeError``.
 A bad *row* never stops the others: it becomes an :class:`InvalidRow` with its
 row number (1 = the first data row, the header not counted), the column at
-fault and the reason.
+fault and the reason (with the offending cell for a value of the wrong type or
+out of bounds).
+
+Ids are labels, not paths: any printable text (``../../etc`` included; items
+are stored by ``item_id`` and exports make safe file names), but control,
+bidirectional-override and line-separator characters are refused in ids and
+URIs. Cells are kept as written (formulas such as ``=HYPERLINK(...)``
+included); the results CSV neutralises them (:func:`tasks.results.csv_safe`).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +48,13 @@ ID_COLUMN = "id"
 META_PREFIX = "meta_"
 MAX_ID_LENGTH = 200
 MAX_URI_LENGTH = 2048
+MAX_SHOWN_VALUE = 60  # characters of an offending cell quoted in a reason
+
+# Characters refused in ids and URIs: C0/C1 controls and DEL, bidirectional overrides and isolates (text
+# that displays differently from what it is), line/paragraph separators and the zero-width no-break space.
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ufeff]")
+# "s3:/bucket/key", "s3:bucket/key", "https:/host": a URI with a broken "://", not a local file name.
+_MALFORMED_SCHEME = re.compile(r"^(s3[an]?|file|https?|ftp|gs|gcs|az|abfss?|wasbs?|hdfs):(?!//)", re.IGNORECASE)
 
 
 def input_role(kind: str, index: int) -> str:
@@ -116,22 +134,22 @@ def decode_csv(data: bytes, source: str) -> tuple[list[str], list[dict[str, str]
     """
     if not data.strip():
         raise ManifestError(f"manifest {source}: the file is empty")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError(f"manifest {source}: UTF-16 text; save the manifest as UTF-8 CSV ('CSV UTF-8' in spreadsheet programs)")
     if b"\x00" in data[:4096]:
         raise ManifestError(f"manifest {source}: not a CSV file (binary content)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ManifestError(
-            f"manifest {source}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})"
-        ) from None
+        raise ManifestError(_not_utf8(data, exc.start, source)) from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         # pandas would do, but the csv module is ~5x faster for all-string tables and keeps
         # the cells exactly as written (no NaN, no type guessing).
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         header = next(reader, None)
         records = list(reader)
     except csv.Error as exc:
-        raise ManifestError(f"manifest {source}: not a valid CSV file ({exc})") from None
+        raise ManifestError(f"manifest {source}: not a valid CSV file at line {reader.line_num} ({exc})") from None
     if not header or not any(h.strip() for h in header):
         raise ManifestError(f"manifest {source}: no header row")
     names = [h.strip() for h in header]
@@ -147,6 +165,27 @@ def decode_csv(data: bytes, source: str) -> tuple[list[str], list[dict[str, str]
             continue
         rows.append({**dict(zip(names, record, strict=True)), "__row__": str(number)})
     return names, rows
+
+
+def _not_utf8(data: bytes, offset: int, source: str) -> str:
+    """One line naming the first non-UTF-8 byte's line, and how many lines have such bytes."""
+    line = data.count(b"\n", 0, offset) + 1
+    bad_lines = 0
+    for raw in data.split(b"\n"):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad_lines += 1
+    more = f" ({bad_lines} lines have such bytes)" if bad_lines > 1 else ""
+    return (
+        f"manifest {source}: not UTF-8 text: invalid byte 0x{data[offset]:02x} at line {line} (byte offset {offset}){more}; "
+        "save the manifest as UTF-8 CSV ('CSV UTF-8' in spreadsheet programs)"
+    )
+
+
+def _shown(value: str) -> str:
+    """A cell as quoted in a reason: repr, cut to MAX_SHOWN_VALUE characters."""
+    return repr(value if len(value) <= MAX_SHOWN_VALUE else value[:MAX_SHOWN_VALUE] + "...")
 
 
 def check_columns(columns: list[str], source: str) -> None:
@@ -174,8 +213,11 @@ def check_uri(uri: str, *, allow_local_paths: bool, base_dir: str | None = None)
         raise ValueError("is empty")
     if len(uri) > MAX_URI_LENGTH:
         raise ValueError(f"is longer than {MAX_URI_LENGTH} characters")
-    if any(ord(ch) < 32 for ch in uri):
-        raise ValueError("contains control characters")
+    if _UNSAFE_CHARS.search(uri):
+        raise ValueError("contains control or invisible formatting characters")
+    if _MALFORMED_SCHEME.match(uri):
+        scheme = uri.split(":", 1)[0]
+        raise ValueError(f"is a malformed URI (write {scheme.lower()}://...)")  # not echoed: it may hold user:password@
     if "|" in uri:
         raise ValueError("lists several URIs ('|'); only style_uri (and style_masks) may list several images")
     try:
@@ -187,7 +229,9 @@ def check_uri(uri: str, *, allow_local_paths: bool, base_dir: str | None = None)
             raise ValueError(f"{storage.sanitize_uri(uri)} names no object")
         return uri
     if not allow_local_paths:
-        raise ValueError(f"local path {uri!r} refused: allow_local_paths is off (only s3:// URIs are allowed)")
+        shown = uri.split("?", 1)[0]  # a pasted presigned URL without its scheme keeps its signature after '?'
+        shown = shown if len(shown) <= 200 and shown == uri else shown[:200] + "..."
+        raise ValueError(f"local path {shown!r} refused: allow_local_paths is off (only s3:// URIs are allowed)")
     path = uri.removeprefix("file://")
     if base_dir is not None and not os.path.isabs(path):
         path = os.path.normpath(os.path.join(base_dir, path))
@@ -258,8 +302,9 @@ def parse_manifest(
         if "__bad__" in record:
             refuse("*", record["__bad__"])
             continue
-        if len(row_id) > MAX_ID_LENGTH or any(ord(ch) < 32 for ch in row_id):
-            refuse(ID_COLUMN, f"id must be at most {MAX_ID_LENGTH} printable characters")
+        if len(row_id) > MAX_ID_LENGTH or _UNSAFE_CHARS.search(row_id):
+            row_id = _UNSAFE_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", row_id)[:MAX_ID_LENGTH]  # shown escaped
+            refuse(ID_COLUMN, f"id must be at most {MAX_ID_LENGTH} printable characters (no control or invisible formatting characters)")
             continue
         if row_id in seen_ids:
             refuse(ID_COLUMN, f"duplicate id {row_id!r} (first used at row {seen_ids[row_id]})")
@@ -283,7 +328,10 @@ def parse_manifest(
         except ValidationError as exc:
             err = exc.errors()[0]
             column = next((str(p) for p in err["loc"] if isinstance(p, str)), "parameters")
-            refuse(column, err["msg"].removeprefix("Value error, "))
+            reason = err["msg"].removeprefix("Value error, ")
+            if err["type"] != "value_error" and column in overrides:  # pydantic's own words do not quote the cell
+                reason += f" (got {_shown(overrides[column])})"
+            refuse(column, reason)
             continue
         if params.init_is_image:
             try:

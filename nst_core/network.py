@@ -13,10 +13,16 @@ Weights are named by a string (the ``weights`` style parameter):
 
 * ``imagenet``: torchvision's ``VGG19_Weights.IMAGENET1K_V1`` through
   torchvision's own loader and cache (``$TORCH_HOME/hub/checkpoints``).
+  torch.hub's "Downloading: ..." note is kept off the console (it would sit
+  beside the one-line error of an offline machine; a download that succeeds
+  still shows it).
 * ``random:SEED``: seeded random initialisation, for tests and offline runs.
 * a local path to a state dict (torchvision's ``features.N.weight`` keys, or
-  bare ``N.weight`` keys), loaded with ``weights_only=True``. Remote files
-  (``s3://``) are fetched to a local cache by the caller first.
+  bare ``N.weight`` keys), loaded with ``weights_only=True``: a file that
+  holds anything but tensors (a pickle that would import and run code) is
+  refused before anything in it runs, and a corrupt one is called so; neither
+  message suggests ``weights_only=False``. Remote files (``s3://``) are
+  fetched to a local cache by the caller first.
 
 Networks are cached per process: loading happens once per
 (weights, device, normalisation) and every pooling variant shares the same
@@ -41,10 +47,16 @@ deeper (average pooling passes on less than max pooling does). A channel that
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections import OrderedDict
+import io
 import os
+import pickle
+import pickletools
+import re
+import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,20 +190,94 @@ def _random_state_dict(features: nn.Sequential, seed: int) -> dict[str, Tensor]:
 
 
 def _imagenet_state_dict() -> dict[str, Tensor]:
-    """Fetch ImageNet weights through torchvision's loader and cache, or explain why not."""
+    """Fetch ImageNet weights through torchvision's loader and cache, or explain why not.
+
+    With the file already in the cache, torchvision loads it (``weights_only=True``) and prints
+    nothing. Otherwise torch.hub announces the download on the console before trying; that note is
+    held back and shown only if the download succeeds, so an offline machine gets one line: ours.
+    """
     from torchvision.models import VGG19_Weights
 
+    weights = VGG19_Weights.IMAGENET1K_V1
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = hub_dir / os.path.basename(weights.url)
+    if cached.is_file():
+        try:
+            return weights.get_state_dict(progress=False, check_hash=False)
+        except Exception as exc:  # a corrupt or hostile file in the cache: say so, not "could not be downloaded"
+            raise WeightsError(f"weights imagenet: the cached file {_load_failure(str(cached), exc)}") from None
+    note = io.StringIO()
     try:
-        return VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=False)
+        with contextlib.redirect_stdout(note), contextlib.redirect_stderr(note):
+            state = weights.get_state_dict(progress=False, check_hash=False)
     except Exception as exc:  # urllib errors, socket errors, HTTP errors...
         reason = type(exc).__name__
         raise WeightsError(
-            f"ImageNet VGG-19 weights are not in torchvision's cache ({hub_dir / IMAGENET_FILE}) "
-            f"and could not be downloaded ({reason}). Ways out: copy {IMAGENET_FILE} into {hub_dir} "
+            f"ImageNet VGG-19 weights are not in torchvision's cache ({cached}) "
+            f"and could not be downloaded ({reason}). Ways out: copy {cached.name} into {hub_dir} "
             "(or point TORCH_HOME at a cache that has it); pass --weights PATH or s3://... to a "
             "VGG-19 state dict; or use --weights random:SEED for an offline smoke run."
         ) from None
+    sys.stderr.write(note.getvalue())  # it did download: where it went is worth knowing
+    return state
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*")
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]*)")
+_SCAN_BYTES = 16 << 20
+
+
+def _pickled_global(path: str) -> str | None:
+    """The first ``module.name`` a plain pickle file imports (read with :mod:`pickletools`, never unpickled).
+
+    For a file that is a pickle, not a torch.save archive: torch's weights-only reader stops at
+    the pickle framing before it reaches the import, so the import is looked for here.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(_SCAN_BYTES)
+        strings: list[str] = []
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if isinstance(arg, str) and opcode.name not in ("GLOBAL", "INST"):
+                strings = (strings + [arg])[-2:]
+            if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                module, _, name = arg.partition(" ")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) == 2:
+                module, name = strings
+            else:
+                continue
+            if _IDENTIFIER.fullmatch(module) and _IDENTIFIER.fullmatch(name):
+                return f"{module}.{name}"
+            return None
+    except Exception:  # the end of the data, or not a pickle at all
+        return None
+    return None
+
+
+def _load_failure(path: str, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, as the tail of one line.
+
+    Never repeats torch's own text, which suggests ``weights_only=False``: that would run the file.
+    """
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return f"{path}: empty file (0 bytes)"
+    text = str(exc)
+    imported = None
+    if isinstance(exc, pickle.UnpicklingError):
+        found = _GLOBAL_IN_MESSAGE.search(text)
+        imported = found.group(1) if found else _pickled_global(path)
+    if imported is not None and imported.split(".")[0] in ("torch", "collections"):
+        # What tensors pickle to: a plain pickle of a state dict, which torch.load does not read.
+        return f"{path}: not a PyTorch state dict (a plain pickle, not written by torch.save; read with weights_only=True)"
+    if imported is not None:
+        return (
+            f"{path} refused: it holds objects other than tensors (it imports {imported}); "
+            "read with weights_only=True, nothing in it was run"
+        )
+    if isinstance(exc, (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError)):
+        return f"{path}: not a PyTorch state dict (corrupt, truncated or not written by torch.save; read with weights_only=True)"
+    reason = text.strip().splitlines()[0][:200] if text.strip() and "weights_only" not in text else type(exc).__name__
+    return f"{path}: cannot be read ({reason})"
 
 
 def _file_state_dict(path: str, expected_sha256: str | None) -> dict[str, Tensor]:
@@ -204,10 +290,7 @@ def _file_state_dict(path: str, expected_sha256: str | None) -> dict[str, Tensor
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"weights file {path}: not a plain tensor state dict (loaded with weights_only=True): {first_line}"
-        ) from None
+        raise WeightsError(f"weights file {_load_failure(path, exc)}") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise WeightsError(f"weights file {path}: expected a dict of tensors, got {type(loaded).__name__}")
     return loaded

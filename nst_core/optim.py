@@ -6,10 +6,15 @@ counts the same thing (forward + backward passes) for both optimisers.
 * :class:`BatchedLBFGS`: L-BFGS (Nocedal & Wright, Algorithm 7.4, the
   two-loop recursion) with a fixed step and no line search: the variant of
   torch7's ``optim.lbfgs`` that the classic implementations use. Every batch
-  item keeps its own curvature history, scaling and step, so an item gets the
-  same result in a batch as alone.
+  item keeps its own curvature history, scaling and step, and
+  :meth:`BatchedLBFGS.reset` forgets one item's history (and halves its step)
+  without touching the others'. No state is shared between items, so an item
+  follows the same arithmetic in a batch as alone; what can differ is the
+  gradient it is given (float32 convolutions of a batch round differently
+  in the last bits), see :func:`nst_core.engine.optimise`.
 * :class:`BatchedAdam`: ``torch.optim.Adam``, which is elementwise and hence
-  already independent per item.
+  already independent per item (it has no ``reset``: its steps are bounded by
+  ``lr`` per pixel).
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ class BatchedLBFGS:
     """Fixed-step L-BFGS with a separate history per batch item.
 
     The history is a ring buffer of ``(s, y, rho)`` slots shared in layout but
-    not in content: an item whose new pair is rejected stores ``rho = 0`` in
-    its slot, which makes the slot a no-op in the two-loop recursion for that
-    item only.
+    not in content: an item whose new pair is rejected (or whose history was
+    :meth:`reset`) has ``rho = 0`` and zero ``s``, ``y`` in the slot, which
+    makes the slot an exact no-op in the two-loop recursion for that item only.
     """
 
     def __init__(
@@ -46,34 +51,62 @@ class BatchedLBFGS:
         self.history = history
         self._s: list[Tensor] = []
         self._y: list[Tensor] = []
-        self._rho: list[Tensor] = []
+        self._rho: Tensor | None = None  # [history, B] in the gradient's precision; one row per slot
+        self._rows: list[int] = []  # row of self._rho for each slot, oldest first
         self._h_diag = torch.ones(batch, device=device)
+        self._fresh = torch.ones(batch, dtype=torch.bool, device=device)  # no usable history: take a first step
+        self._step_scale = torch.ones(batch, device=device)  # per item, halved by every reset
         self._prev_grad: Tensor | None = None
         self._prev_step: Tensor | None = None  # t * d of the last step, [B, D]
+
+    @property
+    def step_scale(self) -> Tensor:
+        """Each item's step as a fraction of ``lr`` (``[B]``; 1 until :meth:`reset` halves it)."""
+        return self._step_scale
 
     @torch.no_grad()
     def step(self, x: Tensor, grad: Tensor) -> None:
         """Move ``x`` (``[B, ...]``) in place along the L-BFGS direction for ``grad``."""
         b = x.shape[0]
-        g = grad.reshape(b, -1).float()
+        g = grad.reshape(b, -1).to(torch.promote_types(grad.dtype, torch.float32))  # float64 stays float64
         if self._prev_grad is not None and self._prev_step is not None:
             self._remember(self._prev_step, g - self._prev_grad)
         direction = self._direction(g)
         # First step (or after a reset): scale so the first move is at most lr in L1 (torch7's choice).
         first = g.abs().sum(1).clamp_min(1e-30).reciprocal().clamp(max=1.0) * self.lr
-        fresh = torch.full((b,), not self._s, dtype=torch.bool, device=g.device)
         # An item whose direction is not a descent direction falls back to steepest descent.
         not_descent = (g * direction).sum(1) > -1e-30
-        fresh = fresh | not_descent
+        fresh = self._fresh | not_descent
         direction = torch.where(not_descent[:, None], -g, direction)
-        t = torch.where(fresh, first, torch.full_like(first, self.lr))
-        before = x.detach().reshape(b, -1).float().clone()
+        t = torch.where(fresh, first, torch.full_like(first, self.lr)) * self._step_scale
+        before = x.detach().reshape(b, -1).to(g.dtype).clone()
         x.add_((direction * t[:, None]).view_as(x).to(x.dtype))
         if self.clamp is not None:
             x.clamp_(*self.clamp)
+        self._fresh = torch.zeros_like(self._fresh)
         self._prev_grad = g.clone()
         # s = the move actually made (after clamping), so (s, y) stays a true secant pair.
-        self._prev_step = x.detach().reshape(b, -1).float() - before
+        self._prev_step = x.detach().reshape(b, -1).to(g.dtype) - before
+
+    @torch.no_grad()
+    def reset(self, items: Tensor, step_factor: float = 0.5) -> None:
+        """Forget the history of ``items`` (``[B]`` bool) and multiply their step by ``step_factor``.
+
+        For an item whose pixels the caller has just replaced (the divergence
+        guard of :func:`nst_core.engine.optimise` puts back its best image):
+        its next step is a first step again, and the pair spanning the
+        replacement is not remembered. Other items are not touched. Runs
+        without synchronising with the device (a mask of no items is a no-op).
+        """
+        items = items.to(self._h_diag.device, torch.bool)
+        if self._rho is not None:
+            self._rho.masked_fill_(items.unsqueeze(0), 0.0)
+        self._h_diag = torch.where(items, torch.ones_like(self._h_diag), self._h_diag)
+        self._fresh = self._fresh | items
+        self._step_scale = torch.where(items, self._step_scale * step_factor, self._step_scale)
+        if self._prev_step is not None:
+            # s = 0 for the replaced items: the next pair has y.s = 0 and is rejected.
+            self._prev_step = torch.where(items[:, None], torch.zeros_like(self._prev_step), self._prev_step)
 
     def _remember(self, s: Tensor, y: Tensor) -> None:
         ys = (y * s).sum(1)
@@ -81,22 +114,33 @@ class BatchedLBFGS:
         rho = torch.where(accepted, ys.clamp_min(_CURVATURE_EPS).reciprocal(), torch.zeros_like(ys))
         yy = (y * y).sum(1).clamp_min(1e-30)
         self._h_diag = torch.where(accepted, ys / yy, self._h_diag)
+        # A rejected pair is zeroed too, so a non-finite y (a NaN gradient) cannot leak into the recursion.
+        s = torch.where(accepted[:, None], s, torch.zeros_like(s))
+        y = torch.where(accepted[:, None], y, torch.zeros_like(y))
+        if self._rho is None:
+            self._rho = torch.zeros(self.history, s.shape[0], dtype=s.dtype, device=s.device)
         if len(self._s) == self.history:
-            self._s.pop(0), self._y.pop(0), self._rho.pop(0)
+            self._s.pop(0), self._y.pop(0)
+            row = self._rows.pop(0)
+        else:
+            row = len(self._rows)
         self._s.append(s)
         self._y.append(y)
-        self._rho.append(rho)
+        self._rho[row] = rho
+        self._rows.append(row)
 
     def _direction(self, g: Tensor) -> Tensor:
         """-H g by the two-loop recursion, per item."""
         q = -g
         alphas: list[Tensor] = []
-        for s, y, rho in zip(reversed(self._s), reversed(self._y), reversed(self._rho)):
+        rhos = [self._rho[row] for row in self._rows] if self._rho is not None else []
+        slots = list(zip(self._s, self._y, rhos))
+        for s, y, rho in reversed(slots):
             alpha = rho * (s * q).sum(1)
             q = q - alpha[:, None] * y
             alphas.append(alpha)
         r = q * self._h_diag[:, None]
-        for (s, y, rho), alpha in zip(zip(self._s, self._y, self._rho), reversed(alphas)):
+        for (s, y, rho), alpha in zip(slots, reversed(alphas)):
             beta = rho * (y * r).sum(1)
             r = r + s * (alpha - beta)[:, None]
         return r

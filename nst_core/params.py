@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from nst_core.errors import ParamsError
 from nst_core.network import LAYER_NAMES, WeightsSpec
@@ -194,11 +194,25 @@ class StyleParams(BaseModel):
             raise ValueError("a layer is listed twice")
         return value
 
+    @field_validator("style_layers")
+    @classmethod
+    def _some_layer(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        # Cross-field checks live on the later field (not in a model validator), so the error names a field:
+        # the manifest's column, the CLI's flag and the run form's input.
+        if not value and info.data.get("content_layers") == ():
+            raise ValueError("at least one of content_layers and style_layers must be non-empty")
+        return value
+
     @field_validator("style_layer_weights")
     @classmethod
-    def _finite_weights(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        if value is not None and any((not math.isfinite(w)) or w < 0 for w in value):
+    def _finite_weights(cls, value: tuple[float, ...] | None, info: ValidationInfo) -> tuple[float, ...] | None:
+        if value is None:
+            return None
+        if any((not math.isfinite(w)) or w < 0 for w in value):
             raise ValueError("style layer weights must be finite and >= 0")
+        layers = info.data.get("style_layers")
+        if layers is not None and len(value) != len(layers):
+            raise ValueError(f"style_layer_weights has {len(value)} values for {len(layers)} style_layers")
         return value
 
     @field_validator("style_blend_weights")
@@ -237,9 +251,14 @@ class StyleParams(BaseModel):
 
     @field_validator("scale_iterations")
     @classmethod
-    def _stage_iterations(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if value is not None and any(n < 0 or n > 100_000 for n in value):
+    def _stage_iterations(cls, value: tuple[int, ...] | None, info: ValidationInfo) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if any(n < 0 or n > 100_000 for n in value):
             raise ValueError("iterations per stage must be between 0 and 100000")
+        scales = info.data.get("scales")
+        if scales is not None and len(value) != len(scales):
+            raise ValueError(f"scale_iterations has {len(value)} values for {len(scales)} scales")
         return value
 
     @field_validator("weights")
@@ -252,18 +271,6 @@ class StyleParams(BaseModel):
     @classmethod
     def _init(cls, value: str) -> str:
         return value.strip()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "StyleParams":
-        if not self.content_layers and not self.style_layers:
-            raise ValueError("at least one of content_layers and style_layers must be non-empty")
-        if self.scale_iterations is not None and len(self.scale_iterations) != len(self.scales):
-            raise ValueError(f"scale_iterations has {len(self.scale_iterations)} values for {len(self.scales)} scales")
-        if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
-            raise ValueError(
-                f"style_layer_weights has {len(self.style_layer_weights)} values for {len(self.style_layers)} style_layers"
-            )
-        return self
 
     # --- derived values, each decided here and nowhere else ---------------------------
 

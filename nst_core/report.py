@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from nst_core import storage
+from nst_core.status import DONE_STATUSES, STATUSES
 from nst_core.review import (
     BULK_FORMAT,
     VERDICTS,
@@ -61,7 +62,6 @@ REPORT_FILE = "report.html"
 THUMBS_DIR = "thumbs"
 INPUT_THUMB_PX = 240
 OUTPUT_THUMB_PX = 480
-STATUSES = ("succeeded", "cached", "failed", "invalid")
 # Parameters that never change an output: not compared, not filtered on.
 _IGNORED_PARAMS = frozenset({"device", "max_pixels", "progress_every"})
 _CURVE_TERMS = ("total", "content", "style", "tv")
@@ -453,7 +453,7 @@ def render_page(
     device_s = sum(computed.values())
     per_device_hour = len(computed) / (device_s / 3600) if device_s > 0 else None
     wall_s = _finite(summary.get("wall_time_s"))
-    done_rows = counts.get("succeeded", 0) + counts.get("cached", 0)
+    done_rows = sum(counts.get(s, 0) for s in DONE_STATUSES)
     per_wall_hour = done_rows / (wall_s / 3600) if wall_s else None
     devices = Counter(str(m.get("device")) for m in metas.values() if m.get("device"))
     weights = Counter(str(r.get("weights_id")) for r in rows if r.get("weights_id"))
@@ -476,7 +476,7 @@ def render_page(
     cards: list[str] = []
     for index, (row, found) in enumerate(zip(rows, row_thumbs, strict=True)):
         item = str(row.get("item_id") or "")
-        meta = metas.get(item) if row.get("status") in ("succeeded", "cached") else None
+        meta = metas.get(item) if row.get("status") in DONE_STATUSES else None
         params = (meta or {}).get("params") or {}
         status = str(row.get("status") or "")
         style_uri = storage.sanitize_uri(row.get("style_uri") or "")
@@ -680,7 +680,7 @@ header.top h1 small{color:var(--mute);font-weight:400;font-size:14px;margin-left
 .tile{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:6px 12px;min-width:84px}
 .tile b{display:block;font-size:20px;line-height:1.2}
 .tile span{color:var(--mute);font-size:12px;text-transform:uppercase;letter-spacing:.04em}
-.tile.st-succeeded b{color:var(--ok)}.tile.st-cached b{color:var(--cached)}.tile.st-failed b{color:var(--fail)}.tile.st-invalid b{color:var(--inv)}
+.tile.st-succeeded b{color:var(--ok)}.tile.st-cached b,.tile.st-done_elsewhere b{color:var(--cached)}.tile.st-in_progress_elsewhere b{color:var(--inv)}.tile.st-failed b{color:var(--fail)}.tile.st-invalid b{color:var(--inv)}
 .tile.v-kept b{color:var(--keep)}.tile.v-rejected b{color:var(--rej)}.tile.v-disputed b{color:var(--disp)}
 dl{margin:0}
 .facts{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 14px}
@@ -700,13 +700,13 @@ code{font:12px/1.4 ui-monospace,"DejaVu Sans Mono",monospace}
 #shown{color:var(--mute);font-size:13px;padding-bottom:6px;margin-left:auto}
 main.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(400px,1fr));gap:14px;padding:14px 24px 90px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:10px 12px;display:flex;flex-direction:column;gap:8px;border-top:4px solid var(--ok)}
-.card.st-cached{border-top-color:var(--cached)}.card.st-failed{border-top-color:var(--fail)}.card.st-invalid{border-top-color:var(--inv)}
+.card.st-cached,.card.st-done_elsewhere{border-top-color:var(--cached)}.card.st-in_progress_elsewhere{border-top-color:var(--inv)}.card.st-failed{border-top-color:var(--fail)}.card.st-invalid{border-top-color:var(--inv)}
 .card[hidden]{display:none}
 .card header{display:flex;align-items:center;gap:8px;min-width:0}
 .card h2{margin:0;font-size:15px;font-weight:650;flex:1;min-width:0;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .rowno{color:var(--mute);font-size:12px}
 .badge{font-size:11px;font-weight:600;padding:2px 8px;border-radius:99px;background:#e8f3ec;color:var(--ok);text-transform:uppercase;letter-spacing:.03em}
-.badge.st-cached{background:#e7eef9;color:var(--cached)}.badge.st-failed{background:#fdecea;color:var(--fail)}.badge.st-invalid{background:#fbf1dc;color:var(--inv)}
+.badge.st-cached,.badge.st-done_elsewhere{background:#e7eef9;color:var(--cached)}.badge.st-in_progress_elsewhere{background:#fbf1dc;color:var(--inv)}.badge.st-failed{background:#fdecea;color:var(--fail)}.badge.st-invalid{background:#fbf1dc;color:var(--inv)}
 .badge.v-kept{background:var(--keep);color:#fff}.badge.v-rejected{background:var(--rej);color:#fff}.badge.v-disputed{background:var(--disp);color:#fff}
 .imgs{display:grid;grid-template-columns:2fr 1fr;grid-template-rows:1fr 1fr;gap:6px}
 .imgs figure{margin:0;position:relative;background:#eceef2;border-radius:6px;overflow:hidden;aspect-ratio:1;display:flex;align-items:center;justify-content:center}

@@ -43,6 +43,7 @@ from typing import Any
 
 from nst_core import storage
 from nst_core.errors import NSTError
+from nst_core.status import DONE_STATUSES  # rows whose item has an output image
 
 DECISIONS = ("keep", "reject")
 VERDICTS = ("kept", "rejected", "disputed", "undecided")
@@ -50,7 +51,6 @@ DECISION_FORMAT = "nst-decision/1"
 BULK_FORMAT = "nst-review-decisions/1"
 MAX_REVIEWER_LENGTH = 100
 MAX_NOTE_LENGTH = 2000
-DONE_STATUSES = ("succeeded", "cached")  # rows whose item has an output image
 
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")
 _FORMULA_QUOTED = re.compile(r"^'[=+\-@\t\r]")

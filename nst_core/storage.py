@@ -44,10 +44,14 @@ import os
 import re
 import secrets
 import threading
+import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "AccessDenied",
@@ -170,9 +174,12 @@ def sanitize_uri(uri: str) -> str:
     scheme, rest = text.split("://", 1)
     rest = rest.split("?", 1)[0].split("#", 1)[0]
     netloc, sep, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}://{netloc}{sep}{path}"
+    return f"{scheme}://{_without_userinfo(netloc)}{sep}{path}"
+
+
+def sanitize_text(text: str, limit: int = 300) -> str:
+    """A message fit to record: one line, no query string or user info in any URL inside it, capped in length."""
+    return _sanitize_text(text, limit)
 
 
 def _sanitize_text(text: str, limit: int = 300) -> str:
@@ -220,10 +227,15 @@ def _path_to_file_uri(path: str) -> str:
     return "file://" + urllib.parse.quote(path, safe="/~!$&'()*+,;=:@-._")
 
 
+def _without_userinfo(netloc: str) -> str:
+    """``user:password@host`` -> ``***@host`` (a netloc quoted in a message never carries a password)."""
+    return "***@" + netloc.rsplit("@", 1)[1] if "@" in netloc else netloc
+
+
 def _validate_bucket(bucket: str, uri: str) -> None:
     if not _BUCKET_RE.match(bucket) or ".." in bucket or _IPV4_RE.match(bucket):
         raise InvalidUri(
-            f"{sanitize_uri(uri)}: invalid S3 bucket name {bucket!r} (3-63 characters: "
+            f"{sanitize_uri(uri)}: invalid S3 bucket name {_without_userinfo(bucket)!r} (3-63 characters: "
             "lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit)"
         )
 
@@ -269,7 +281,7 @@ def parse_uri(uri: str | os.PathLike[str]) -> ParsedUri:
         parsed = urllib.parse.urlsplit(uri)
         if parsed.netloc not in ("", "localhost"):
             raise UnsupportedUri(
-                f"{sanitize_uri(uri)}: file URI names host {parsed.netloc!r}; "
+                f"{sanitize_uri(uri)}: file URI names host {_without_userinfo(parsed.netloc)!r}; "
                 "only local files (file:///path) are supported"
             )
         if parsed.query or parsed.fragment:
@@ -539,6 +551,28 @@ def _os_error(exc: OSError, uri: str) -> StorageError:
         return StorageError(uri, "a parent of this path is a file, not a directory")
     transient = exc.errno in (errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY, errno.ESTALE)
     return StorageError(uri, f"filesystem error ({name}: {exc.strerror or exc})", transient=transient)
+
+
+def retry_transient(
+    operation: Callable[[], T], patience_s: float, first_delay_s: float = 0.5, max_delay_s: float = 10.0
+) -> T:
+    """Call ``operation`` until it succeeds, retrying transient :class:`StorageError` for up to ``patience_s``.
+
+    The delay doubles from ``first_delay_s`` up to ``max_delay_s``; a
+    non-transient error, or a transient one once ``patience_s`` has passed,
+    is raised. For writes that must outlast a storage blip (a run's results),
+    on top of the few quick retries the S3 client itself makes.
+    """
+    deadline = time.monotonic() + patience_s
+    delay = first_delay_s
+    while True:
+        try:
+            return operation()
+        except StorageError as exc:
+            if not exc.transient or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay_s)
 
 
 # --------------------------------------------------------------------------- operations

@@ -2,13 +2,16 @@
 
 ``{output_uri}/runs/{run}/parts/results-NNNNN.csv`` is written after every
 chunk (a crash leaves the finished part); ``results.csv`` and
-``results.parquet`` are written complete at the end.
+``results.parquet`` are written complete at the end. Every write is retried
+while storage is unreachable, for up to ``patience_s``; a part that still
+cannot be written is skipped (the final tables hold every row).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections import Counter
 from datetime import UTC, datetime
@@ -24,6 +27,8 @@ BASE_COLUMNS = [
     "loss_total", "loss_content", "loss_style", "loss_tv", "style_distance", "content_distance",
     "iterations", "duration_s", "device", "weights_id",
 ]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -66,17 +71,26 @@ def parquet_bytes(frame: pd.DataFrame) -> bytes:
 class ResultsWriter:
     """Accumulates outcomes and stores them under ``{output_uri}/runs/{run}/``."""
 
-    def __init__(self, output_uri: str, run: str):
+    def __init__(self, output_uri: str, run: str, patience_s: float = 300.0):
         self.folder = storage.join(output_uri, "runs", run)
         self.outcomes: list[Outcome] = []
+        self.patience_s = patience_s
         self._parts = 0
+
+    def _write(self, uri: str, data: bytes, content_type: str) -> None:
+        storage.retry_transient(lambda: storage.write_bytes(uri, data, content_type), self.patience_s)
 
     def add(self, outcomes: list[Outcome]) -> None:
         self.outcomes.extend(outcomes)
         if outcomes:
             self._parts += 1
             part = storage.join(self.folder, "parts", f"results-{self._parts:05d}.csv")
-            storage.write_bytes(part, csv_bytes(to_frame(outcomes)), "text/csv")
+            try:
+                self._write(part, csv_bytes(to_frame(outcomes)), "text/csv")
+            except storage.StorageError as exc:
+                if not exc.transient:
+                    raise
+                log.warning("results part %s not written (%s); the final results.csv will hold its rows", part, exc)
 
     def counts(self) -> dict[str, int]:
         found = Counter(o.status for o in self.outcomes)
@@ -89,7 +103,7 @@ class ResultsWriter:
             "results_parquet": storage.join(self.folder, "results.parquet"),
             "summary": storage.join(self.folder, "summary.json"),
         }
-        storage.write_bytes(locations["results_csv"], csv_bytes(frame), "text/csv")
-        storage.write_bytes(locations["results_parquet"], parquet_bytes(frame), "application/octet-stream")
-        storage.write_bytes(locations["summary"], json.dumps({**summary, **locations}, indent=2).encode(), "application/json")
+        self._write(locations["results_csv"], csv_bytes(frame), "text/csv")
+        self._write(locations["results_parquet"], parquet_bytes(frame), "application/octet-stream")
+        self._write(locations["summary"], json.dumps({**summary, **locations}, indent=2).encode(), "application/json")
         return locations

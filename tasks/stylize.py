@@ -13,8 +13,12 @@ bad item never stops the others.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -24,13 +28,13 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from nst_core import engine, history, images, items, quality, storage
+from nst_core import engine, history, images, items, lease, quality, storage
 from nst_core.errors import NSTError
+from nst_core.status import STATUSES  # re-exported for tasks.results
 from nst_core.manifest import InvalidRow, Manifest, RowSpec, load_manifest
 from nst_core.network import WeightsSpec, load_network, resolve_device
 from nst_core.params import StyleParams
 
-STATUSES = ("succeeded", "cached", "failed", "invalid")
 
 
 @dataclass(frozen=True)
@@ -251,7 +255,8 @@ def _job(work: Work, loaded: dict[str, Any]) -> engine.Job:
     """The engine's job for a row whose inputs are loaded (by role: content, style[_k], style_mask[_k], init)."""
     row = work.row
     masks = tuple(loaded[role] for role in row.mask_roles()) if row.params.style_masks is not None else None
-    return engine.Job(loaded["content"], tuple(loaded[role] for role in row.style_roles()), row.params, loaded.get("init"), masks)
+    names = {role: storage.sanitize_uri(uri) for role, uri in row.input_uris().items()}
+    return engine.Job(loaded["content"], tuple(loaded[role] for role in row.style_roles()), row.params, loaded.get("init"), masks, names)
 
 
 def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult]:
@@ -274,13 +279,20 @@ def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | N
     return results
 
 
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult | str]:
-    """Run a batch; on out-of-memory halve it once, then an item that still does not fit fails."""
+    """Run a batch; on out-of-memory halve it once, and a half that still does not fit runs item by item.
+
+    An item that does not fit alone gets ``"out_of_memory"``; the others go on.
+    """
     try:
         return list(_run_batch(batch, time_limit_s))
     except torch.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free_cuda_cache()
         if len(batch) == 1:
             return ["out_of_memory"]
     half = len(batch) // 2
@@ -288,14 +300,21 @@ def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limi
     for part in (batch[:half], batch[half:]):
         try:
             out += _run_batch(part, time_limit_s)
+            continue
         except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            out += ["out_of_memory"] * len(part)
+            _free_cuda_cache()
+        for single in part if len(part) > 1 else []:
+            try:
+                out += _run_batch([single], time_limit_s)
+            except torch.OutOfMemoryError:
+                _free_cuda_cache()
+                out.append("out_of_memory")
+        if len(part) == 1:
+            out.append("out_of_memory")
     return out
 
 
-def _store(work: Work, output_uri: str, result: engine.StyleResult) -> Outcome:
+def _store(work: Work, output_uri: str, result: engine.StyleResult, owner: str = "") -> Outcome:
     """Write the item's files; ``meta.json`` last, as the mark of a finished item."""
     row, params = work.row, work.row.params
     paths = _paths(work, output_uri)
@@ -318,18 +337,14 @@ def _store(work: Work, output_uri: str, result: engine.StyleResult) -> Outcome:
         weights_id=result.weights_id,
         result=result,
         paths=paths,
-        extra={**result.extra, "snapshots": snapshots},
+        extra={**result.extra, "snapshots": snapshots, "run_owner": owner},
     )  # fmt: skip
     storage.write_bytes(paths.meta, items.meta_bytes(meta), "application/json")
     return cached_outcome(work, output_uri, meta, status="succeeded")
 
 
-@task(name="stylize-items", tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
-def stylize_items(works: list[Work], output_uri: str, time_limit_s: float | None = None) -> list[Outcome]:
-    """Stylise a batch of compatible items in one optimisation and store each one's outputs.
-
-    An item whose inputs cannot be used fails alone; the rest of the batch goes on.
-    """
+def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, owner: str) -> dict[str, Outcome]:
+    """Fetch, optimise (one batch) and store ``works``; an item whose inputs cannot be used fails alone."""
     outcomes: dict[str, Outcome] = {}
     ready: list[tuple[Work, dict[str, Any]]] = []
     for work in works:
@@ -341,18 +356,109 @@ def stylize_items(works: list[Work], output_uri: str, time_limit_s: float | None
             outcomes[work.item_id] = _failed(work, str(exc))
         except NSTError as exc:
             outcomes[work.item_id] = _failed(work, str(exc).splitlines()[0])
-    if ready:
+        except Exception as exc:  # an unforeseen decoder error fails its own item, not the batch
+            outcomes[work.item_id] = _failed(work, f"{type(exc).__name__}: {storage.sanitize_text(str(exc))}")
+    if not ready:
+        return outcomes
+    try:
+        results = _optimise_with_oom_split(ready, time_limit_s)
+    except (NSTError, engine.TimeLimitExceeded, ValueError) as exc:
+        results = [str(exc).splitlines()[0]] * len(ready)
+    for (work, _), result in zip(ready, results, strict=True):
+        if isinstance(result, str):
+            outcomes[work.item_id] = _failed(work, result)
+            continue
         try:
-            results = _optimise_with_oom_split(ready, time_limit_s)
-        except (NSTError, engine.TimeLimitExceeded, ValueError) as exc:
-            results = [str(exc).splitlines()[0]] * len(ready)
-        for (work, _), result in zip(ready, results, strict=True):
-            if isinstance(result, str):
-                outcomes[work.item_id] = _failed(work, result)
-            else:
-                outcomes[work.item_id] = _store(work, output_uri, result)
-                get_run_logger().info(
-                    "item %s (row %s) done: %d iterations in %.1f s on %s (batch of %d)",
-                    work.row.id, work.row.row, result.iterations, result.wall_time_s, result.device, len(ready),
-                )  # fmt: skip
+            outcomes[work.item_id] = _store(work, output_uri, result, owner)
+        except storage.StorageError as exc:
+            if exc.transient:
+                raise
+            # A refused write (permission, quota): meta.json was not written, so the item is not done.
+            outcomes[work.item_id] = _failed(work, f"could not store the outputs: {exc}")
+            continue
+        get_run_logger().info(
+            "item %s (row %s) done: %d iterations in %.1f s on %s (batch of %d)",
+            work.row.id, work.row.row, result.iterations, result.wall_time_s, result.device, len(ready),
+        )  # fmt: skip
+    return outcomes
+
+
+def _claim(work: Work, output_uri: str, owner: str, ttl_s: float, force: bool) -> lease.Lease | lease.LeaseRecord | Outcome:
+    """Take the item's lease; a ``done_elsewhere`` outcome when another run finished it meanwhile."""
+    paths = _paths(work, output_uri)
+    got = lease.acquire(paths.folder, owner, ttl_s)
+    if isinstance(got, lease.Lease) and not force and (meta := items.read_meta(paths)) is not None:
+        got.release()
+        # Finished by an earlier attempt of this same run (a retry), or by another run meanwhile.
+        return cached_outcome(work, output_uri, meta, status="succeeded" if meta.get("run_owner") == owner else "done_elsewhere")
+    return got
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+@task(name="stylize-items", tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def stylize_items(
+    works: list[Work],
+    output_uri: str,
+    time_limit_s: float | None = None,
+    owner: str | None = None,
+    lease_ttl_s: float = lease.DEFAULT_TTL_S,
+    lease_wait_s: float = 600.0,
+    force: bool = False,
+) -> list[Outcome]:
+    """Stylise a batch of compatible items in one optimisation and store each one's outputs.
+
+    Each item is leased first (:mod:`nst_core.lease`, ``owner`` is the flow
+    run), so concurrent runs never compute one item twice: an item another
+    run holds is waited for up to ``lease_wait_s`` (``done_elsewhere`` when
+    its result appears; taken over and computed here when its holder lets
+    go or dies; ``in_progress_elsewhere`` when the wait ends first). An item
+    whose inputs cannot be used fails alone; the rest of the batch goes on.
+    """
+    owner = owner or default_owner()
+    outcomes: dict[str, Outcome] = {}
+    with lease.LeaseKeeper(lease_ttl_s) as keeper:
+
+        def run_leased(batch: list[Work]) -> None:
+            try:
+                outcomes.update(_compute(batch, output_uri, time_limit_s, owner))
+            finally:
+                for work in batch:
+                    if (held := keeper.drop(work.item_id)) is not None:
+                        held.release()
+
+        def claim_all(batch: list[Work]) -> tuple[list[Work], list[tuple[Work, lease.LeaseRecord]]]:
+            mine, elsewhere = [], []
+            for work in batch:
+                got = _claim(work, output_uri, owner, lease_ttl_s, force)
+                if isinstance(got, Outcome):
+                    outcomes[work.item_id] = got
+                elif isinstance(got, lease.Lease):
+                    keeper.hold(work.item_id, got)
+                    mine.append(work)
+                else:
+                    elsewhere.append((work, got))
+            return mine, elsewhere
+
+        try:
+            mine, elsewhere = claim_all(works)
+            run_leased(mine)
+            deadline = time.monotonic() + lease_wait_s
+            poll_s = max(0.2, min(2.0, lease_ttl_s / 10))
+            while elsewhere and time.monotonic() < deadline:
+                time.sleep(poll_s)
+                mine, elsewhere = claim_all([work for work, _ in elsewhere])
+                run_leased(mine)
+        finally:
+            for work in works:
+                if (held := keeper.drop(work.item_id)) is not None:
+                    held.release()
+    for work, holder in elsewhere:
+        until = time.strftime("%H:%M:%S UTC", time.gmtime(holder.expires_at))
+        outcomes[work.item_id] = outcome_for_row(
+            work.row, "in_progress_elsewhere", item_id=work.item_id,
+            error=f"another run ({holder.owner}) is computing this item (lease until {until}); a re-run picks up its result",
+        )  # fmt: skip
     return [outcomes[work.item_id] for work in works]

@@ -132,12 +132,14 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, pair, capsys, c
     assert "wrote" not in stdout
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: the too-small refusal names 'content image', not the file (see report)")
-def test_too_small_image_error_names_the_file(tmp_path, pair, capsys):
+@pytest.mark.parametrize("role", ["content", "style"])
+def test_too_small_image_error_names_the_file(tmp_path, pair, capsys, role):
     small = _too_small(tmp_path)
-    code, _, err = run(["stylize", small, pair[1], "-o", str(tmp_path / "out.png"), *FAST[2:], "--size", "40"], capsys)
+    images = [small, pair[1]] if role == "content" else [pair[0], small]
+    code, _, err = run(["stylize", *images, "-o", str(tmp_path / "out.png"), *FAST[2:], "--size", "40"], capsys)
     assert code == 2
-    assert "strip.png" in error_line(err)
+    line = error_line(err)
+    assert f"{role} image {small} (after resizing to 40 px" in line and "40x10 px is too small" in line, line
 
 
 def test_imagenet_weights_offline_exit_2_naming_the_ways_out(tmp_path, pair, capsys, monkeypatch):
@@ -155,14 +157,25 @@ def test_imagenet_weights_offline_exit_2_naming_the_ways_out(tmp_path, pair, cap
     network.clear_cache()
     out = tmp_path / "out.png"
     try:
-        code, _, err = run(["stylize", *pair, "-o", str(out), "--size", "32", "--iterations", "1", "--weights", "imagenet", "-q"], capsys)
+        code, stdout, err = run(["stylize", *pair, "-o", str(out), "--size", "32", "--iterations", "1", "--weights", "imagenet", "-q"], capsys)
     finally:
         network.clear_cache()
     assert code == 2, err
-    # torch.hub announces the download attempt on stderr itself; that note aside, one line
-    line = error_line("\n".join(l for l in err.splitlines() if not l.startswith("Downloading: ")))
+    line = error_line(err)  # one line: torch.hub's "Downloading: ..." note is kept off stdout and stderr
     assert "TORCH_HOME" in line and "--weights" in line and "random:" in line
-    assert "urllib" not in err and outputs(out) == []
+    assert "urllib" not in err and "Downloading" not in stdout + err and outputs(out) == []
+
+
+def test_stylize_says_when_the_divergence_guard_fired(tmp_path, pair, capsys):
+    """A step of 3 diverges at 32 px (tests/test_engine_stylize.py); the run says so and still ends well."""
+    out = tmp_path / "out.png"
+    argv = ["stylize", *pair, "-o", str(out), *FAST[:2], "--iterations", "16", "--lr", "3", "--tolerance", "0", *FAST[4:]]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    assert "L-BFGS diverged at iteration" in stdout and "step halved" in stdout
+    _, rows = read_csv(tmp_path / "out.loss.csv")
+    totals = [float(row["total"]) for row in rows]
+    assert len(totals) == 16 and f"total={min(totals):.4g}" in stdout  # the reported losses are the output image's
 
 
 def test_reconstruct_from_content_layers(tmp_path, pair, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import urllib.error
 from pathlib import Path
@@ -48,6 +49,11 @@ def make_state_dict(seed: int, prefix: str = "features.") -> dict[str, torch.Ten
         state[f"{prefix}{index}.weight"] = torch.randn(w_shape, generator=g) * 0.05
         state[f"{prefix}{index}.bias"] = torch.randn(b_shape, generator=g) * 0.01
     return state
+
+
+def suggests_an_unsafe_load(message: str) -> bool:
+    """Whether a message advises ``weights_only=False`` (torch's own text: "with `weights_only` set to `False`")."""
+    return bool(re.search(r"weights_only`?\s*(=|set to)\s*`?False", message)) or "Re-running" in message
 
 
 def conv_names() -> list[str]:
@@ -243,20 +249,23 @@ def no_download(monkeypatch):
     return attempts
 
 
-def test_imagenet_weights_load_from_a_prepared_torch_home(fresh_cache, tmp_path, monkeypatch, state_file, no_download):
+def test_imagenet_weights_load_from_a_prepared_torch_home(fresh_cache, tmp_path, monkeypatch, state_file, no_download, capfd):
     path, state, _ = state_file
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     shutil.copyfile(path, checkpoints / network.IMAGENET_FILE)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    capfd.readouterr()
     net = network.load_network("imagenet")
     assert net.weights_id == "imagenet:IMAGENET1K_V1" and not net.is_random
     assert_loaded(net, state)
     assert no_download == []  # served from the cache, nothing fetched
+    assert capfd.readouterr() == ("", "")  # and nothing printed
 
 
-def test_imagenet_weights_missing_offline_give_one_clear_error(fresh_cache, tmp_path, monkeypatch, no_download):
+def test_imagenet_weights_missing_offline_give_one_clear_error(fresh_cache, tmp_path, monkeypatch, no_download, capfd):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    capfd.readouterr()
     with pytest.raises(WeightsError) as info:
         network.load_network("imagenet")
     err = info.value
@@ -267,6 +276,20 @@ def test_imagenet_weights_missing_offline_give_one_clear_error(fresh_cache, tmp_
     assert err.__cause__ is None and err.__suppress_context__  # no urllib traceback chained
     assert no_download, "torchvision's own loader was not the one asked"
     assert list((tmp_path / "hub" / "checkpoints").glob("*")) == []  # no partial file left behind
+    assert capfd.readouterr() == ("", "")  # torch.hub's "Downloading: ..." note kept off the console
+
+
+def test_a_corrupt_imagenet_file_in_the_cache_is_called_corrupt(fresh_cache, tmp_path, monkeypatch, no_download):
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / network.IMAGENET_FILE).write_bytes(os.urandom(4096))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as info:
+        network.load_network("imagenet")
+    message = str(info.value)
+    assert str(checkpoints / network.IMAGENET_FILE) in message and "not a PyTorch state dict" in message
+    assert "downloaded" not in message and not suggests_an_unsafe_load(message) and "\n" not in message
+    assert no_download == []
 
 
 # --- a state dict by local path --------------------------------------------------------------
@@ -322,21 +345,46 @@ def test_state_dict_missing_a_tensor_is_refused(fresh_cache, tmp_path):
         network.load_network(str(tmp_path / "short.pth"))
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty", "not-a-dict"])
+CORRUPT_FILES = {
+    # kind: what the one line says (and never torch's own advice to load with weights_only=False)
+    "garbage": "not a PyTorch state dict",
+    "text": "not a PyTorch state dict",
+    "truncated": "not a PyTorch state dict",
+    "truncated-legacy": "not a PyTorch state dict",
+    "pickled-tensors": "not written by torch.save",
+    "empty": "empty file (0 bytes)",
+    "not-a-dict": "expected a dict of tensors, got list",
+}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", list(CORRUPT_FILES))
 def test_corrupt_weights_files_are_refused(fresh_cache, tmp_path, state_file, kind):
     path = tmp_path / f"{kind}.pth"
     if kind == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif kind == "text":
+        path.write_text("not weights\n")
     elif kind == "truncated":
         data = state_file[0].read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif kind == "truncated-legacy":
+        torch.save(state_file[1], tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+        data = (tmp_path / "legacy.pth").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "pickled-tensors":  # pickle.dump of a state dict, not torch.save
+        with open(path, "wb") as fh:
+            pickle.dump(state_file[1], fh)
     elif kind == "empty":
         path.write_bytes(b"")
     else:
         torch.save([torch.zeros(3)], path)
     with pytest.raises(WeightsError) as info:
         network.load_network(str(path))
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    assert CORRUPT_FILES[kind] in message, message
+    assert not suggests_an_unsafe_load(message) and "holds objects" not in message
 
 
 def test_missing_weights_file_is_refused(fresh_cache, tmp_path):
@@ -355,27 +403,30 @@ class _RunsCode:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("writer", ["torch.save", "torch.save-legacy", "pickle", "pickle-protocol-0"])
 def test_a_pickle_that_runs_code_is_refused_and_never_runs(fresh_cache, tmp_path, writer):
     def write(sentinel: Path, path: Path) -> Path:
         payload = {"features.0.weight": _RunsCode(sentinel)}
-        if writer == "torch.save":
-            torch.save(payload, path)
+        if writer.startswith("torch.save"):
+            torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch.save")
         else:
             with open(path, "wb") as fh:
-                pickle.dump(payload, fh)
+                pickle.dump(payload, fh, protocol=0 if writer.endswith("-0") else None)
         return path
 
     sentinel = tmp_path / "SENTINEL"
     path = write(sentinel, tmp_path / "hostile.pth")
     with pytest.raises(WeightsError) as info:
         network.load_network(str(path))
-    assert "weights_only" in str(info.value) and str(path) in str(info.value)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    assert "refused: it holds objects other than tensors" in message and f"{os.system.__module__}.system" in message
+    assert "weights_only=True" in message and not suggests_an_unsafe_load(message)  # never the advice that would run it
     assert not sentinel.exists()
     # control: an unrestricted load of such a file really does run the command
     control = tmp_path / "CONTROL"
     write(control, tmp_path / "control.pth")
-    if writer == "torch.save":
+    if writer.startswith("torch.save"):
         torch.load(tmp_path / "control.pth", weights_only=False)
     else:
         with open(tmp_path / "control.pth", "rb") as fh:

@@ -4,7 +4,9 @@ weights) and the real sample images:
 * content reconstruction from white noise (the paper's Figure 1 trend),
 * stylising tubingen.jpg with starry_night.jpg (style loss and the quality
   criterion, judged by a VGG-19 with other random weights),
-* batched optimisation equals one item at a time,
+* batched optimisation equals one item at a time (float32: within stated
+  tolerances over few iterations; float64: to the last bits),
+* the divergence guard of the fixed-step L-BFGS, per item,
 * determinism on the CPU.
 
 Expensive results are computed once per module.
@@ -12,12 +14,14 @@ Expensive results are computed once per module.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from helpers import psnr, sample_image, stacked_targets
 from nst_core import IterationInfo, engine, images, quality, stylize
-from nst_core.network import load_network
+from nst_core.network import Network, load_network
 from nst_core.params import DEFAULT_STYLE_LAYERS, StyleParams
 
 WEIGHTS = "random:0"
@@ -172,6 +176,26 @@ def test_init_style_and_init_image(tubingen, starry):
     assert style.shape == (3, 40, 64) and torch.equal(init, content)
 
 
+def test_job_names_name_the_images_in_errors(tubingen, starry):
+    from PIL import Image
+
+    from nst_core.errors import ImageError
+
+    strip = tubingen.resize((40, 10))
+    params = StyleParams(size=40, weights=WEIGHTS)
+    with pytest.raises(ImageError, match=r"^content image \(after resizing to 40 px\): 40x10 px is too small"):
+        engine.stage_inputs(engine.Job(strip, starry, params))  # positional, no names: the kind alone
+    job = engine.Job(strip, starry, params, None, None, {"content": "s3://bucket/strip.png"})
+    with pytest.raises(ImageError, match=r"^content image s3://bucket/strip.png \(after resizing to 40 px\)"):
+        engine.stage_inputs(job)
+    with pytest.raises(ImageError, match=r"^style image 2 b.jpg \(after resizing to 40 px"):
+        engine.stage_inputs(engine.Job(tubingen, [starry, strip], params, names={"style_1": "b.jpg"}))
+    masked = StyleParams(size=32, weights=WEIGHTS, style_masks="a.png|b.png")
+    masks = [Image.new("RGB", tubingen.size, "white"), Image.new("RGB", (10, 40), "white")]
+    with pytest.raises(ImageError, match=r"^style mask 2 masks/b.png: aspect ratio 10x40"):
+        engine.stage_inputs(engine.Job(tubingen, [starry, starry], masked, None, masks, {"style_mask_1": "masks/b.png"}))
+
+
 # --- batching ----------------------------------------------------------------------------------
 #
 # A batch is B independent problems: per-item losses and gradients, and optimisers whose
@@ -321,3 +345,117 @@ def test_adam_counts_iterations_like_lbfgs(tubingen, starry, net):
     assert result.iterations == 5 and [r["iteration"] for r in result.history] == [1, 2, 3, 4, 5]
     assert result.history[-1]["style"] < result.history[0]["style"]
     assert params.effective_lr == 0.02
+
+
+# --- the divergence guard ------------------------------------------------------------------------
+#
+# The fixed-step L-BFGS can diverge (seen: color=histogram at 224 px, total loss 1.8 -> 340 in one
+# step, then ~2000-3000 to the end). A step of 3 instead of 1 makes it happen cheaply, at 32 px
+# within 10 iterations (measured: the total loss goes 522 -> 232 -> 540 at iteration 6 and ends
+# near 1.5e4 without the guard; with it, the guard fires at 6 and 9 and the loss ends at 155).
+
+GUARD = dict(size=32, iterations=16, lr=3.0, tolerance=0, weights=WEIGHTS, device="cpu")
+
+
+def test_lbfgs_reset_touches_only_the_items_it_names():
+    """BatchedLBFGS.reset on one item of three: the others run bit for bit as without it."""
+    from nst_core.optim import BatchedLBFGS
+
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(3, 3, 8, 8, generator=g)
+    curvature = torch.rand(3, 3, 8, 8, generator=g) + 0.1
+    start = torch.rand(3, 3, 8, 8, generator=g)
+
+    def run(items: slice, reset_item: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = start[items].clone()
+        opt = BatchedLBFGS(x.shape[0], lr=1.0, clamp=(0.0, 1.0))
+        kept = None
+        for i in range(12):
+            grad = 2 * curvature[items] * (x - target[items])
+            if i == 3:
+                kept = x.clone()
+            opt.step(x, grad)
+            if i == 6 and reset_item is not None:  # what the guard does: put an earlier image back, reset
+                mask = torch.zeros(x.shape[0], dtype=torch.bool)
+                mask[reset_item] = True
+                x[mask] = kept[mask]
+                opt.reset(mask)
+        return x, opt.step_scale
+
+    plain, _ = run(slice(0, 3), None)
+    reset, scale = run(slice(0, 3), 1)
+    assert scale.tolist() == [1.0, 0.5, 1.0]
+    assert torch.equal(reset[0], plain[0]) and torch.equal(reset[2], plain[2])  # untouched, bit for bit
+    assert not torch.allclose(reset[1], plain[1], atol=1e-4)
+    alone, _ = run(slice(1, 2), 0)  # the reset item alone, with the same reset
+    torch.testing.assert_close(reset[1], alone[0], rtol=0, atol=1e-6)
+
+
+def _guard_problem(net, tubingen, starry):
+    params = StyleParams(**GUARD)
+    content = images.resized_tensor(tubingen, long_side=32)
+    targets = stacked_targets(net, params, [content], [images.resized_tensor(starry, long_side=32)])
+    return params, content, targets
+
+
+def test_divergence_guard_puts_back_the_best_image_and_halves_the_step(net, tubingen, starry):
+    params, content, (content_t, style_t) = _guard_problem(net, tubingen, starry)
+    unguarded = engine.optimise(net, params, content.unsqueeze(0), content_t, style_t, divergence_factor=None)
+    off = [row["total"] for row in unguarded.histories[0]]
+    assert unguarded.divergences == [[]]
+    assert max(off) > 20 * min(off) and off[-1] > 10 * min(off), off  # it diverged and stayed so
+
+    result = stylize(tubingen, starry, params, network=net)  # the same problem through the public entry point
+    on = [row["total"] for row in result.history]
+    fired = result.extra["divergences"]
+    assert fired, on
+    for i in fired:
+        best = min(on[: i - 1])
+        assert on[i - 1] > engine.DIVERGENCE_FACTOR * best  # it fired on a real rise...
+        assert on[i] == pytest.approx(best, rel=1e-6)  # ...and the next evaluation is of the best image, put back
+    assert all(v <= engine.DIVERGENCE_FACTOR * min(on[:k]) for k, v in enumerate(on) if k and k + 1 not in fired)
+    assert min(on) < 0.8 * min(off) and on[-1] < 0.1 * off[-1], (on, off)
+    # the returned image is the best one seen, and its losses are what the result reports
+    assert result.image_iteration == result.extra["image_iteration"] == 1 + on.index(min(on))
+    assert result.final_losses["total"] == min(on)
+    terms, _ = _loss_and_grad(net, params, result.image.unsqueeze(0), content_t, style_t)
+    assert float(terms["total"][0]) == pytest.approx(min(on), rel=1e-5)
+    assert result.stop_reason == "iterations"
+
+
+def test_without_a_rise_the_guard_changes_nothing(net, tubingen, starry):
+    """At the default step this short run never rises 2x: guarded and unguarded runs are identical."""
+    params = StyleParams(**{**GUARD, "lr": None, "iterations": 10})
+    _, content, (content_t, style_t) = _guard_problem(net, tubingen, starry)
+    guarded = engine.optimise(net, params, content.unsqueeze(0), content_t, style_t)
+    unguarded = engine.optimise(net, params, content.unsqueeze(0), content_t, style_t, divergence_factor=None)
+    assert guarded.divergences == [[]] and guarded.histories == unguarded.histories
+    assert torch.equal(guarded.images, unguarded.images)
+
+
+@pytest.fixture(scope="module")
+def net64(net) -> Network:
+    """The same VGG-19 in float64, where a batch's arithmetic per item is that of the item alone."""
+    return Network(copy.deepcopy(net.features).double(), net.weights, net.weights_id, net.device)
+
+
+def test_guard_and_best_image_are_per_item_in_a_batch_float64(net64, tubingen, starry):
+    """Three items whose guard fires at different iterations (or never), together and alone, in float64:
+    the same histories, guard firings and returned images, to the last bits (measured: identical)."""
+    shipwreck, hoover = (images.load_image(sample_image(n)) for n in ("shipwreck.jpg", "hoovertowernight.jpg"))
+    params = StyleParams(**{**GUARD, "lr": 2.0, "iterations": 10})
+    c = {n: images.resized_tensor(im, exact=(32, 24)).double() for n, im in (("tub", tubingen), ("ship", shipwreck), ("hoover", hoover))}
+    s = {n: images.resized_tensor(im, long_side=32).double() for n, im in (("starry", starry), ("hoover", hoover))}
+    noise = torch.rand(3, 24, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    items = [(c["tub"], s["starry"], c["tub"]), (c["ship"], s["hoover"], noise), (c["hoover"], s["starry"], c["hoover"])]
+    content, style = stacked_targets(net64, params, [i[0] for i in items], [i[1] for i in items])
+    batch = engine.optimise(net64, params, torch.stack([i[2] for i in items]), content, style, dtype=torch.float64)
+    assert batch.images.dtype == torch.float64
+    assert len({tuple(d) for d in batch.divergences}) == 3 and [] in batch.divergences, batch.divergences
+    for b, (c_b, s_b, init) in enumerate(items):
+        content1, style1 = stacked_targets(net64, params, [c_b], [s_b])
+        alone = engine.optimise(net64, params, init.unsqueeze(0), content1, style1, dtype=torch.float64)
+        assert batch.divergences[b] == alone.divergences[0] and batch.image_iterations[b] == alone.image_iterations[0]
+        for row_b, row_a in zip(batch.histories[b], alone.histories[0], strict=True):
+            assert row_b["total"] == pytest.approx(row_a["total"], rel=1e-12, abs=0), (b, row_a["iteration"])
+        torch.testing.assert_close(batch.images[b], alone.images[0], rtol=0, atol=1e-12)

@@ -61,7 +61,7 @@ def local_run(prefect_server, tmp_path_factory, sample_images) -> dict:
         ["bad", str(img / "tubingen.jpg"), str(img / "starry_night.jpg"), "-3", "CC0", "invalid row"],
     ])  # fmt: skip
     summary = run_flow(manifest_uri=manifest, output_uri=str(root / "out"), allow_local_paths=True)
-    assert summary["counts"] == {"succeeded": 3, "cached": 0, "failed": 1, "invalid": 1}
+    assert summary["counts"] == {"succeeded": 3, "cached": 0, "done_elsewhere": 0, "in_progress_elsewhere": 0, "failed": 1, "invalid": 1}
     return summary
 
 

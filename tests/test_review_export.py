@@ -56,7 +56,7 @@ def two_runs(prefect_server, tmp_path_factory, sample_images) -> tuple[Path, str
     ids1 = ["a", HOSTILE_ID, "c"]
     first = _run(_manifest(root / "m1.csv", [[i, c, s, w, lic, "train"] for i, (c, s, w, lic) in zip(ids1, pairs, strict=True)]
                            + [["broken", str(img / "nope.jpg"), pairs[0][1], "", "CC0", "x"]]), str(root / "out"))  # fmt: skip
-    assert first["counts"] == {"succeeded": 3, "cached": 0, "failed": 1, "invalid": 0}
+    assert first["counts"] == {"succeeded": 3, "cached": 0, "done_elsewhere": 0, "in_progress_elsewhere": 0, "failed": 1, "invalid": 0}
     second = _run(_manifest(root / "m2.csv", [[i, c, s, w, lic, "test"] for i, (c, s, w, lic) in zip(["a2", "b2", "c2"], pairs, strict=True)]),
                   str(root / "out"))  # fmt: skip
     assert second["counts"]["cached"] == 3
