@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo items that are already done")
             p.add_argument("--max-items", type=int, default=None, help="stop planning after this many rows")
+            from nst_cli.pipeline import RUN_OPTIONS
+
+            for option, (kind, text) in RUN_OPTIONS.items():
+                p.add_argument("--" + option.replace("_", "-"), type=kind, default=None, help=text)
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="run the sample manifest end to end on the embedded defaults")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -98,22 +99,28 @@ def print_summary(summary: dict[str, Any], outcomes_csv: str | None = None) -> N
         print("WARNING: untrained random VGG-19 weights (random:N) were used; every output records this.")
 
 
-def _run_flow(manifest: str, output: str, defaults, *, strict: bool, force: bool, max_items: int | None, allow_local_paths: bool) -> tuple[int, dict[str, Any] | None]:
+def _run_flow(
+    manifest: str, output: str, defaults, *, strict: bool, force: bool, max_items: int | None, allow_local_paths: bool, **options: Any
+) -> tuple[int, dict[str, Any] | None]:
     _quiet_prefect_env()
     from flows.stylize_manifest import stylize_manifest
     from nst_core.manifest import ManifestError
     from nst_core.storage import StorageError
 
-    state = stylize_manifest(
-        manifest_uri=manifest,
-        output_uri=output,
-        defaults=defaults,
-        strict=strict,
-        force=force,
-        max_items=max_items,
-        allow_local_paths=allow_local_paths,
-        return_state=True,
-    )
+    parameters = dict(
+        manifest_uri=manifest, output_uri=output, defaults=defaults, strict=strict, force=force,
+        max_items=max_items, allow_local_paths=allow_local_paths, **options,
+    )  # fmt: skip
+    flow_logger = logging.getLogger("prefect.flows")  # it would log the whole parameter dump as an error
+    try:  # refused here, before a Prefect server starts, with the flag named
+        flow_logger.disabled = True
+        stylize_manifest.validate_parameters(parameters)
+    except Exception as exc:
+        lines = [line.strip(" -") for line in str(exc).splitlines()[1:] if line.strip()]
+        raise UsageError("invalid run option: " + "; ".join("--" + line.replace("_", "-", line.find(":")) if ":" in line else line for line in lines)) from None
+    finally:
+        flow_logger.disabled = False
+    state = stylize_manifest(**parameters, return_state=True)
     try:
         summary = state.result(raise_on_failure=False)
     except Exception as exc:  # pragma: no cover - defensive
@@ -131,11 +138,25 @@ def _run_flow(manifest: str, output: str, defaults, *, strict: bool, force: bool
     return code, summary
 
 
+# Flow parameters `nst run` exposes as flags (--batch-size ...); unset flags keep the flow's defaults.
+RUN_OPTIONS = {
+    "batch_size": (int, "items optimised together when size and parameters match (0 = automatic)"),
+    "chunk_size": (int, "rows resolved and submitted together"),
+    "item_timeout_s": (float, "fail an item whose optimisation runs longer than this"),
+    "retries": (int, "task retries on transient storage errors"),
+    "retry_delay_s": (float, "delay before the first retry (doubling after)"),
+    "storage_patience_s": (float, "how long the run's own result writes wait for storage"),
+    "lease_ttl_s": (float, "how long an item's lease outlives a dead worker"),
+    "lease_wait_s": (float, "how long to wait for items another run is computing"),
+}
+
+
 def run_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
     defaults = _defaults(sets)
     code, summary = _run_flow(
         args.manifest, args.output, defaults,
         strict=args.strict, force=args.force, max_items=args.max_items, allow_local_paths=not args.no_local_paths,
+        **{name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None},
     )  # fmt: skip
     if summary is not None:
         print_summary(summary)

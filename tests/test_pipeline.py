@@ -241,3 +241,7 @@ def test_cli_run_and_validate_exit_codes(prefect_server, tmp_path, capsys):
     assert "already done (cached): 2" in out and "to do: 2 items" in out
     assert main(["run", bad, "--output", str(tmp_path / "bad"), *args]) == 1
     assert main(["run", samples, "--output", str(tmp_path / "x"), "--set", "size=-1"]) == 2
+    capsys.readouterr()
+    assert main(["run", samples, "--output", str(tmp_path / "x"), "--retries", "-1", "--lease-ttl-s", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--retries" in err and "--lease-ttl-s" in err and not (tmp_path / "x").exists()
