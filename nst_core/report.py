@@ -587,7 +587,8 @@ def _banner_html(note: str) -> str:
 
 def _stats_html(counts: Counter[str], verdicts: Counter[str], total: int) -> str:
     tiles = [f'<div class="tile"><b>{total}</b><span>rows</span></div>']
-    tiles += [f'<div class="tile st-{s}"><b>{counts.get(s, 0)}</b><span>{s}</span></div>' for s in STATUSES]
+    shown = [s for s in STATUSES if counts.get(s) or s in ("succeeded", "cached", "failed", "invalid")]  # rarer ones when they occur
+    tiles += [f'<div class="tile st-{s}"><b>{counts.get(s, 0)}</b><span>{s.replace("_", " ")}</span></div>' for s in shown]
     tiles += [f'<div class="tile v-{v}"><b>{verdicts.get(v, 0)}</b><span>{v}</span></div>' for v in VERDICTS]
     return "".join(tiles)
 
