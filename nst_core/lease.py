@@ -144,6 +144,23 @@ def acquire(folder: str, owner: str, ttl_s: float = DEFAULT_TTL_S, clock: Callab
         return LeaseRecord("?", "", 0.0)
 
 
+def release_owned(folder: str, owner: str) -> bool:
+    """Delete the folder's lease if ``owner`` holds it (a lease its task could not release); True if deleted.
+
+    For a run cleaning up after items that failed while storage was unreachable:
+    their leases would otherwise block the next run until their TTL passed.
+    """
+    uri = storage.join(folder, LEASE_FILE)
+    try:
+        current = LeaseRecord.from_bytes(storage.read_bytes(uri))
+    except storage.ObjectNotFound:
+        return False
+    if current.owner != owner:
+        return False
+    storage.delete(uri)
+    return True
+
+
 class LeaseKeeper:
     """Renews held leases in a background thread every ``ttl_s / 3`` seconds.
 
