@@ -87,7 +87,8 @@ def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
 
 
 def print_summary(summary: dict[str, Any], outcomes_csv: str | None = None) -> None:
-    counts = summary["counts"]
+    # The four everyday statuses always; the concurrent-run ones only when they occur.
+    counts = {k: n for k, n in summary["counts"].items() if n or k in ("succeeded", "cached", "failed", "invalid")}
     width = max(len(k) for k in counts)
     print(f"run {summary['run']}: {summary['rows']} rows in {summary['wall_time_s']:.1f} s")
     for status, n in counts.items():
