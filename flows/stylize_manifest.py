@@ -27,7 +27,16 @@ from nst_core.manifest import ManifestError
 from nst_core.params import StyleParams
 from nst_core.report import build_report
 from tasks.results import ResultsWriter, run_name
-from tasks.stylize import Outcome, Work, outcome_for_invalid, outcome_for_row, read_manifest, resolve_items, stylize_items
+from tasks.stylize import (
+    Outcome,
+    Work,
+    outcome_for_invalid,
+    outcome_for_row,
+    read_manifest,
+    release_failed_leases,
+    resolve_items,
+    stylize_items,
+)
 
 TABLE_ARTIFACT_ROWS = 1000
 
@@ -110,20 +119,6 @@ def for_row(done: Outcome, work: Work) -> Outcome:
         iterations=done.iterations, duration_s=done.duration_s, device=done.device, weights_id=done.weights_id,
         losses=done.losses, style_distance=done.style_distance, content_distance=done.content_distance,
     )  # fmt: skip
-
-
-def _release_leases_of_failed(outcomes: Any, output_uri: str, owner: str, patience_s: float) -> None:
-    """Leases this run still holds on failed items (their task could not release them, e.g. storage was down)."""
-    from nst_core import lease
-    from nst_core.items import ItemPaths
-
-    for outcome in outcomes:
-        if outcome.status == "failed" and outcome.item_id:
-            folder = ItemPaths(output_uri, outcome.item_id).folder
-            try:
-                storage.retry_transient(lambda folder=folder: lease.release_owned(folder, owner), patience_s)
-            except storage.StorageError as exc:
-                get_run_logger().warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
 
 
 def _check_output(output_uri: str, allow_local_paths: bool) -> None:
@@ -218,7 +213,7 @@ def stylize_manifest(
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 computed.update({w.item_id: outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in batch})
         outcomes = [r if isinstance(r, Outcome) else for_row(computed[r.item_id], r) for r in resolved]
-        _release_leases_of_failed(computed.values(), output_uri, owner, storage_patience_s)
+        release_failed_leases(computed.values(), output_uri, owner, storage_patience_s)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
         writer.add(outcomes)
         update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)

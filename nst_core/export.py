@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nst_core import storage
-from nst_core.review import Decision, ReviewError, Run, latest_per_reviewer, load_decisions, open_run, verdict
+from nst_core.review import Decision, ReviewError, Run, finite_number, latest_per_reviewer, load_decisions, open_run, verdict
 
 IMAGES_DIR = "images"
 ONLY_CHOICES = ("kept",)
@@ -76,14 +76,6 @@ def image_file_name(manifest_id: str, item_id: str, ext: str) -> str:
     if ext not in _CONTENT_TYPES:
         raise ExportError(f"unexpected image extension {ext!r}")
     return f"{IMAGES_DIR}/{safe_stem(manifest_id)}-{item_id[:12]}.{ext}"
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _param_value(value: Any) -> Any:
@@ -134,13 +126,13 @@ def _record(run: Run, row: dict[str, Any], meta: dict[str, Any], file_name: str,
         "compute_device": meta.get("device"),
         "iterations_run": meta.get("iterations"),
         "stop_reason": meta.get("stop_reason"),
-        "wall_time_s": _finite(meta.get("wall_time_s")),
+        "wall_time_s": finite_number(meta.get("wall_time_s")),
     })  # fmt: skip
     for name, value in (meta.get("final_losses") or {}).items():
-        record["loss_" + re.sub(r"[^A-Za-z0-9_]+", "_", name)] = _finite(value)
+        record["loss_" + re.sub(r"[^A-Za-z0-9_]+", "_", name)] = finite_number(value)
     record.update({
-        "style_distance": _finite(quality.get("style_distance")),
-        "content_distance": _finite(quality.get("content_distance")),
+        "style_distance": finite_number(quality.get("style_distance")),
+        "content_distance": finite_number(quality.get("content_distance")),
         "judge_weights": quality.get("judge_weights"),
         "engine_version": meta.get("engine_version"),
         "created_at": meta.get("created_at"),

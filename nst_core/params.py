@@ -69,6 +69,13 @@ IDENTITY_WHEN_SET: dict[str, Any] = {"style_blend_weights": None, "style_masks":
 BATCH_FREE_FIELDS = frozenset({"seed", "init", "output_format"})
 
 
+def _check_one_per(value: tuple[Any, ...], name: str, info: ValidationInfo, other: str) -> None:
+    """A list field with one value per item of an earlier field (its own validation error, naming ``name``)."""
+    items = info.data.get(other)
+    if items is not None and len(value) != len(items):
+        raise ValueError(f"{name} has {len(value)} values for {len(items)} {other}")
+
+
 def split_list(value: Any) -> Any:
     """``"a|b"`` or ``"a,b"`` (or a list) -> a list of stripped, non-empty strings."""
     if isinstance(value, str):
@@ -210,9 +217,7 @@ class StyleParams(BaseModel):
             return None
         if any((not math.isfinite(w)) or w < 0 for w in value):
             raise ValueError("style layer weights must be finite and >= 0")
-        layers = info.data.get("style_layers")
-        if layers is not None and len(value) != len(layers):
-            raise ValueError(f"style_layer_weights has {len(value)} values for {len(layers)} style_layers")
+        _check_one_per(value, "style_layer_weights", info, "style_layers")
         return value
 
     @field_validator("style_blend_weights")
@@ -256,9 +261,7 @@ class StyleParams(BaseModel):
             return None
         if any(n < 0 or n > 100_000 for n in value):
             raise ValueError("iterations per stage must be between 0 and 100000")
-        scales = info.data.get("scales")
-        if scales is not None and len(value) != len(scales):
-            raise ValueError(f"scale_iterations has {len(value)} values for {len(scales)} scales")
+        _check_one_per(value, "scale_iterations", info, "scales")
         return value
 
     @field_validator("weights")

@@ -48,6 +48,7 @@ from typing import Any
 from nst_core import storage
 from nst_core.status import DONE_STATUSES, STATUSES
 from nst_core.review import (
+    finite_number,
     BULK_FORMAT,
     VERDICTS,
     Decision,
@@ -123,14 +124,6 @@ def _script_json(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 # --------------------------------------------------------------------------- thumbnails
 
 
@@ -195,7 +188,7 @@ def read_loss_csv(data: bytes) -> list[dict[str, float]]:
     for record in csv.DictReader(io.StringIO(data.decode("utf-8", "replace"))):
         row = {}
         for key, value in record.items():
-            number = _finite(value)
+            number = finite_number(value)
             if key is not None and number is not None:
                 row[key] = number
         if "iteration" in row:
@@ -449,10 +442,10 @@ def render_page(
     for r in rows:
         if r.get("status") == "succeeded" and r.get("item_id"):
             meta = metas.get(str(r["item_id"]))
-            computed[str(r["item_id"])] = _finite((meta or {}).get("wall_time_s")) or _finite(r.get("duration_s")) or 0.0
+            computed[str(r["item_id"])] = finite_number((meta or {}).get("wall_time_s")) or finite_number(r.get("duration_s")) or 0.0
     device_s = sum(computed.values())
     per_device_hour = len(computed) / (device_s / 3600) if device_s > 0 else None
-    wall_s = _finite(summary.get("wall_time_s"))
+    wall_s = finite_number(summary.get("wall_time_s"))
     done_rows = sum(counts.get(s, 0) for s in DONE_STATUSES)
     per_wall_hour = done_rows / (wall_s / 3600) if wall_s else None
     devices = Counter(str(m.get("device")) for m in metas.values() if m.get("device"))
@@ -485,10 +478,10 @@ def render_page(
         row_verdict = verdict_of.get(item, "undecided") if meta else ""
         losses = (meta or {}).get("final_losses") or {}
         quality = (meta or {}).get("quality") or {}
-        sd = _finite(quality.get("style_distance", row.get("style_distance")))
-        cd = _finite(quality.get("content_distance", row.get("content_distance")))
-        total = _finite(losses.get("total", row.get("loss_total")))
-        duration = _finite((meta or {}).get("wall_time_s", row.get("duration_s")))
+        sd = finite_number(quality.get("style_distance", row.get("style_distance")))
+        cd = finite_number(quality.get("content_distance", row.get("content_distance")))
+        total = finite_number(losses.get("total", row.get("loss_total")))
+        duration = finite_number((meta or {}).get("wall_time_s", row.get("duration_s")))
         meta_cells = {k: v for k, v in row.items() if k.startswith("meta_") and v not in (None, "")}
         diff = {n: v for n, v in params.items() if n not in _IGNORED_PARAMS and n in defaults and _canon(v) != _canon(defaults[n])}
         shown_params = {n: params[n] for n in varying if n in params}
@@ -525,8 +518,8 @@ def render_page(
                 f'<div class="score"><dt title="style distance judged by {e(quality.get("judge_weights"))}; lower is better">style dist.</dt><dd>{fmt_num(sd, 3)}</dd></div>'
                 f'<div class="score"><dt title="relu4_2 content distance judged by {e(quality.get("judge_weights"))}; lower is better">content dist.</dt><dd>{fmt_num(cd, 3)}</dd></div>'
                 f'<div><dt>loss total</dt><dd>{fmt_num(total, 4)}</dd></div>'
-                f'<div><dt>content</dt><dd>{fmt_num(_finite(losses.get("content")), 3)}</dd></div>'
-                f'<div><dt>style</dt><dd>{fmt_num(_finite(losses.get("style")), 3)}</dd></div>'
+                f'<div><dt>content</dt><dd>{fmt_num(finite_number(losses.get("content")), 3)}</dd></div>'
+                f'<div><dt>style</dt><dd>{fmt_num(finite_number(losses.get("style")), 3)}</dd></div>'
                 f'<div><dt>time</dt><dd>{e(fmt_duration(duration))}</dd></div>'
                 "</dl>"
             )

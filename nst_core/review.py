@@ -63,6 +63,16 @@ class ReviewError(NSTError):
 # --------------------------------------------------------------------------- runs
 
 
+
+def finite_number(value: Any) -> float | None:
+    """A stored value as a finite float, or None (missing, text, NaN, inf): stored metadata is not trusted."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 @dataclass
 class Run:
     """A stored run read back: where it is, its results rows and summary."""

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -284,33 +284,32 @@ def _free_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def _run_unless_oom(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult] | None:
+    """The batch's results, or None when it ran out of memory (the device cache freed)."""
+    try:
+        return list(_run_batch(batch, time_limit_s))
+    except torch.OutOfMemoryError:
+        _free_cuda_cache()
+        return None
+
+
 def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult | str]:
     """Run a batch; on out-of-memory halve it once, and a half that still does not fit runs item by item.
 
     An item that does not fit alone gets ``"out_of_memory"``; the others go on.
     """
-    try:
-        return list(_run_batch(batch, time_limit_s))
-    except torch.OutOfMemoryError:
-        _free_cuda_cache()
-        if len(batch) == 1:
-            return ["out_of_memory"]
+    whole = _run_unless_oom(batch, time_limit_s)
+    if whole is not None:
+        return list(whole)
+    if len(batch) == 1:
+        return ["out_of_memory"]
     half = len(batch) // 2
     out: list[engine.StyleResult | str] = []
     for part in (batch[:half], batch[half:]):
-        try:
-            out += _run_batch(part, time_limit_s)
-            continue
-        except torch.OutOfMemoryError:
-            _free_cuda_cache()
-        for single in part if len(part) > 1 else []:
-            try:
-                out += _run_batch([single], time_limit_s)
-            except torch.OutOfMemoryError:
-                _free_cuda_cache()
-                out.append("out_of_memory")
-        if len(part) == 1:
-            out.append("out_of_memory")
+        done = _run_unless_oom(part, time_limit_s)
+        if done is None and len(part) > 1:
+            done = [r for single in part for r in (_run_unless_oom([single], time_limit_s) or ["out_of_memory"])]
+        out += done if done is not None else ["out_of_memory"]
     return out
 
 
@@ -392,6 +391,21 @@ def _claim(work: Work, output_uri: str, owner: str, ttl_s: float, force: bool) -
         # Finished by an earlier attempt of this same run (a retry), or by another run meanwhile.
         return cached_outcome(work, output_uri, meta, status="succeeded" if meta.get("run_owner") == owner else "done_elsewhere")
     return got
+
+
+def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: str, patience_s: float) -> None:
+    """Free the leases ``owner`` still holds on failed items (their task could not, e.g. storage was down).
+
+    Otherwise they would hold up the next run until their TTL passed. Waits up to
+    ``patience_s`` for storage to come back; a lease it cannot free expires by itself.
+    """
+    for outcome in outcomes:
+        if outcome.status == "failed" and outcome.item_id:
+            folder = items.ItemPaths(output_uri, outcome.item_id).folder
+            try:
+                storage.retry_transient(lambda folder=folder: lease.release_owned(folder, owner), patience_s)
+            except storage.StorageError as exc:
+                get_run_logger().warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
 
 
 def default_owner() -> str:

@@ -22,6 +22,9 @@
                        against it. PREFECT_HOME is a temp folder; analytics off.
  sample_images          the folder of sample images (../shared/data/images or
                        $NST_SAMPLE_IMAGES).
+ tubingen, starry, shipwreck (session) the decoded sample images (PIL, RGB).
+ net        (session)  the VGG-19 with random:0 weights on the CPU (the engine
+                       tests' network; load_network caches it per process).
 
  Other fixtures are added below this block; keep each one documented here or
  next to its definition.
@@ -103,3 +106,31 @@ def sample_images() -> Path:
     if not (folder / "tubingen.jpg").is_file():
         pytest.fail(f"sample images not found in {folder} (set NST_SAMPLE_IMAGES)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tubingen(sample_images: Path):
+    from nst_core import images
+
+    return images.load_image(sample_images / "tubingen.jpg")
+
+
+@pytest.fixture(scope="session")
+def starry(sample_images: Path):
+    from nst_core import images
+
+    return images.load_image(sample_images / "starry_night.jpg")
+
+
+@pytest.fixture(scope="session")
+def shipwreck(sample_images: Path):
+    from nst_core import images
+
+    return images.load_image(sample_images / "shipwreck.jpg")
+
+
+@pytest.fixture(scope="session")
+def net():
+    from nst_core.network import load_network
+
+    return load_network("random:0", device="cpu")

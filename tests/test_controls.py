@@ -30,26 +30,6 @@ WEIGHTS = "random:0"
 SMALL = StyleParams(size=32, iterations=6, weights=WEIGHTS, device="cpu", tolerance=0)
 
 
-@pytest.fixture(scope="module")
-def tubingen():
-    return images.load_image(sample_image("tubingen.jpg"))
-
-
-@pytest.fixture(scope="module")
-def starry():
-    return images.load_image(sample_image("starry_night.jpg"))
-
-
-@pytest.fixture(scope="module")
-def shipwreck():
-    return images.load_image(sample_image("shipwreck.jpg"))
-
-
-@pytest.fixture(scope="module")
-def net():
-    return load_network(WEIGHTS, device="cpu")
-
-
 def half_masks(image: Image.Image) -> tuple[Image.Image, Image.Image]:
     """White on the left half / white on the right half, at the image's size."""
     left = Image.new("L", image.size, 0)

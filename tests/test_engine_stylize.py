@@ -21,25 +21,10 @@ import torch
 
 from helpers import psnr, sample_image, stacked_targets
 from nst_core import IterationInfo, engine, images, quality, stylize
-from nst_core.network import Network, load_network
+from nst_core.network import Network
 from nst_core.params import DEFAULT_STYLE_LAYERS, StyleParams
 
 WEIGHTS = "random:0"
-
-
-@pytest.fixture(scope="module")
-def tubingen():
-    return images.load_image(sample_image("tubingen.jpg"))
-
-
-@pytest.fixture(scope="module")
-def starry():
-    return images.load_image(sample_image("starry_night.jpg"))
-
-
-@pytest.fixture(scope="module")
-def net():
-    return load_network(WEIGHTS, device="cpu")
 
 
 # --- content reconstruction (Figure 1) --------------------------------------------------------

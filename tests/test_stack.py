@@ -8,7 +8,6 @@ by ``down`` at the end. The browser test drives Debian's Chromium through Playwr
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -89,24 +88,11 @@ class StackHandle:
         return self.state["ui_url"]
 
     def api(self, method: str, path: str, body: Any = None, auth: str | None = "stack", timeout: float = 30) -> tuple[int, Any]:
-        import urllib.error
-        import urllib.request
+        """A REST call to the stack's Prefect server: with its auth string ("stack"), another string, or none (None)."""
+        from infra.stack import api
 
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.state["api_url"] + path, data=data, method=method, headers={"Content-Type": "application/json"})
-        if auth is not None:
-            secret = self.secrets["PREFECT_API_AUTH_STRING"] if auth == "stack" else auth
-            req.add_header("Authorization", "Basic " + base64.b64encode(secret.encode()).decode())
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                return exc.code, json.loads(raw)
-            except ValueError:
-                return exc.code, raw.decode(errors="replace")
+        secret = None if auth is None else {"PREFECT_API_AUTH_STRING": self.secrets["PREFECT_API_AUTH_STRING"] if auth == "stack" else auth}
+        return api(self.state, secret, method, path, body, timeout)
 
     def deployment(self, name: str) -> dict[str, Any]:
         status, body = self.api("GET", f"/deployments/name/{FLOW}/{name}")
