@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/engine.py                       # 64/128/256 px (+512 on CUDA)
     .venv/bin/python benchmarks/engine.py --sizes 64,128 --iterations 10 --json bench.json
     .venv/bin/python benchmarks/engine.py --quality             # also the quality criterion at 256 px
+    .venv/bin/python benchmarks/engine.py --precision fp32      # the engine without bf16 convolutions
 
 Both sides do the same work per iteration: one forward pass of VGG-19 up to
 relu5_1 (content relu4_2, style relu1_1..relu5_1) and one backward pass, on one
@@ -20,6 +21,13 @@ Columns: s/it is the steady-state time per loss evaluation (forward + backward
 + optimiser step), measured between the first and the last evaluation; s/image
 is the whole call for ``--iterations`` evaluations, set-up included (network
 build, resizing, targets). Ratios are reference / engine.
+
+Convolutions: the network's forward and input-gradient backward alone (no
+loss, no optimiser), at the engine's precision, timed and turned into
+achieved TFLOP/s (2 x multiply-adds of every conv up to relu5_1, twice: the
+backward computes the input gradient only, the weights are frozen) and, on a
+GPU whose dense bf16 peak is known (``PEAK_BF16_TFLOPS``, or ``--peak-tflops``),
+the fraction of that peak.
 """
 
 from __future__ import annotations
@@ -41,11 +49,19 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nst_core import engine as nst_engine  # noqa: E402
 from nst_core import images, quality, stylize  # noqa: E402
-from nst_core.network import load_network, resolve_device  # noqa: E402
+from nst_core.network import load_network, resolve_device, resolve_precision  # noqa: E402
 from nst_core.params import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams  # noqa: E402
 
 WEIGHTS = "random:0"
+PRECISION = "auto"  # the engine's precision parameter (--precision)
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; matched by substring of the name.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+}  # fmt: skip
 
 
 def sample_images() -> tuple[Image.Image, Image.Image, str]:
@@ -69,7 +85,7 @@ def _sync(device: torch.device) -> None:
 
 def time_engine(content: Image.Image, style: Image.Image, size: int, iterations: int, device: torch.device) -> dict[str, float]:
     # tolerance=0: exactly `iterations` evaluations (no early stop), like the reference
-    params = StyleParams(size=size, iterations=iterations, weights=WEIGHTS, device=str(device), progress_every=1, tolerance=0)
+    params = StyleParams(size=size, iterations=iterations, weights=WEIGHTS, device=str(device), progress_every=1, tolerance=0, precision=PRECISION)
     network = load_network(WEIGHTS, pooling=params.pooling, device=device)  # cached: loaded once per process
     stamps: list[float] = []
     _sync(device)
@@ -78,6 +94,62 @@ def time_engine(content: Image.Image, style: Image.Image, size: int, iterations:
     _sync(device)
     total = time.perf_counter() - start
     return {"s_per_iteration": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), "s_per_image": total, "evaluations": len(stamps)}
+
+
+# --- the convolutions alone ------------------------------------------------------------------------
+
+
+LAYERS = tuple(DEFAULT_STYLE_LAYERS) + tuple(DEFAULT_CONTENT_LAYERS)
+
+
+def conv_flops(network, height: int, width: int) -> float:
+    """FLOPs of one forward pass's convolutions up to the deepest layer the engine uses (2 per multiply-add)."""
+    counted: list[float] = []
+
+    def count(module: nn.Conv2d, _inputs: object, output: torch.Tensor) -> None:
+        counted.append(2.0 * output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+
+    hooks = [m.register_forward_hook(count) for m in network.features.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            network.features(torch.zeros(1, 3, height, width, device=network.device), LAYERS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(counted)
+
+
+def time_convolutions(content: Image.Image, size: int, device: torch.device, peak_tflops: float | None, repeats: int = 10) -> dict[str, object]:
+    """Forward + input-gradient backward of the network alone, at the engine's precision."""
+    precision = resolve_precision(PRECISION, device)
+    network = load_network(WEIGHTS, device=device).at_precision(precision)
+    x = images.resized_tensor(content, long_side=size).unsqueeze(0).to(device).requires_grad_(True)
+    flops = 2 * conv_flops(network, x.shape[2], x.shape[3])  # forward + the backward's input gradient
+
+    def step() -> None:
+        feats = nst_engine.features(network, x, LAYERS)
+        torch.autograd.grad(sum(f.float().square().mean() for f in feats.values()), x)
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    tflops = flops / seconds / 1e12
+    return {
+        "precision": precision, "gflop_per_iteration": flops / 1e9, "s_per_pass": seconds, "tflops": tflops,
+        "peak_bf16_tflops": peak_tflops, "fraction_of_peak": None if not peak_tflops else tflops / peak_tflops,
+    }  # fmt: skip
+
+
+def peak_bf16(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 # --- the reference: tutorial style, written out plainly ----------------------------------------------
@@ -204,7 +276,7 @@ def time_reference(content: Image.Image, style: Image.Image, size: int, iteratio
 
 def measure_quality(content: Image.Image, style: Image.Image, size: int, device: torch.device) -> dict[str, float]:
     """Defaults (300 iterations) at ``size``; judged by a VGG-19 with other random weights."""
-    params = StyleParams(size=size, weights=WEIGHTS, device=str(device))
+    params = StyleParams(size=size, weights=WEIGHTS, device=str(device), precision=PRECISION)
     result = stylize(content, style, params)
     photo = images.resized_tensor(content, long_side=size)
     style_t = images.resized_tensor(style, long_side=size)
@@ -223,6 +295,7 @@ def measure_quality(content: Image.Image, style: Image.Image, size: int, device:
         "content_distance_painting": q_painting.content_distance,
         "passes": ratio >= 5.0 and q_out.content_distance < q_painting.content_distance,
         "wall_time_s": result.wall_time_s,
+        "precision": result.precision,
         "judge_weights": q_out.judge_weights,
     }
 
@@ -240,12 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-reference", action="store_true", help="time only the engine")
     parser.add_argument("--quality", action="store_true", help="also run the defaults (300 iterations) at --quality-size and report the quality criterion (on by default on CUDA)")
     parser.add_argument("--quality-size", type=int, default=256)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="the engine's precision parameter (the reference is always fp32)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s (default: looked up by GPU name)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
 
+    global PRECISION
+    PRECISION = args.precision
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    peak = args.peak_tflops or peak_bf16(device)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [64, 128, 256] + ([512] if device.type == "cuda" else [])
     if args.iterations < 2:
         parser.error("--iterations must be at least 2 (s/it is measured between evaluations)")
@@ -254,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     print(f"device: {device} ({name}); torch {torch.__version__}, {torch.get_num_threads()} CPU threads; images: {label}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (timings need an otherwise idle machine)")
-    print(f"{args.iterations} evaluations per run; weights {WEIGHTS}; engine defaults otherwise (lbfgs, avg pooling)", flush=True)
+    print(f"{args.iterations} evaluations per run; weights {WEIGHTS}; engine precision {PRECISION} -> {resolve_precision(PRECISION, device)}, reference fp32; engine defaults otherwise (lbfgs, avg pooling)", flush=True)
     load_network(WEIGHTS, device=device)  # the engine's network is cached before anything is timed
 
     rows = []
@@ -265,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 time_reference(content, style, size, 2, device)
         engine = time_engine(content, style, size, args.iterations, device)
         reference = None if args.skip_reference else time_reference(content, style, size, args.iterations, device)
-        row = {"size": size, "engine": engine, "reference": reference}
+        row = {"size": size, "engine": engine, "reference": reference, "convolutions": time_convolutions(content, size, device, peak)}
         if reference:
             row["ratio_per_iteration"] = reference["s_per_iteration"] / engine["s_per_iteration"]
             row["ratio_per_image"] = reference["s_per_image"] / engine["s_per_image"]
@@ -285,8 +363,15 @@ def main(argv: list[str] | None = None) -> int:
                 f" | {e['s_per_image']:>14.2f} | {r['s_per_image']:>11.2f} | {row['ratio_per_image']:>5.2f}x"
             )
 
+    for row in rows:
+        c = row["convolutions"]
+        share = f", {c['fraction_of_peak']:.1%} of the {c['peak_bf16_tflops']:g} TFLOP/s dense bf16 peak" if c["fraction_of_peak"] else ""
+        print(f"{row['size']:>5} px convolutions ({c['precision']}): {c['gflop_per_iteration']:.2f} GFLOP per forward+backward, {c['s_per_pass'] * 1e3:.2f} ms -> {c['tflops']:.2f} TFLOP/s{share}")
+
     result = {
         "load_average_after": os.getloadavg(),
+        "precision": PRECISION,
+        "precision_resolved": resolve_precision(PRECISION, device),
         "device": str(device),
         "device_name": name,
         "torch": torch.__version__,

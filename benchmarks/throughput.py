@@ -1,16 +1,21 @@
 """Images per hour: the real flow against the plain one-image-at-a-time reference loop.
 
     .venv/bin/python benchmarks/throughput.py                      # 2 contents x 2 styles at 128 px, 300 iterations
+    .venv/bin/python benchmarks/throughput.py --precision fp32     # the flow without bf16
     .venv/bin/python benchmarks/throughput.py --size 512 --json benchmarks/results/throughput-gpu.json
 
 * flow: ``stylize_manifest`` on the sample manifest (local paths, Prefect's
   ephemeral server; server start-up not counted), default parameters except
-  ``size`` and ``weights=random:0``: style targets cached, early stopping
-  (``tolerance``), batching where sizes match.
+  ``size`` and ``weights=random:0`` (and ``precision`` when given): style
+  targets cached, early stopping (``tolerance``), batching where sizes match,
+  bf16 convolutions where the device has them natively (``precision=auto``).
 * reference: ``benchmarks/engine.py``'s tutorial-style loop, one image at a
   time, network and targets rebuilt per image, ``torch.optim.LBFGS`` for the
   same number of iterations, optimising against the same ``random:0`` VGG-19
   weights (loaded per image, as the tutorial loads its weights).
+
+Each side runs in a fresh Python process, one after the other, so neither
+inherits the other's threads, caches or OpenMP state.
 
 Quality is judged by a measure neither optimisation sees (``nst_core.quality``:
 style and content distances under a VGG-19 with other random weights), as the
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import engine as engine_bench  # noqa: E402  (benchmarks/engine.py: the reference loop)
 
 from nst_core import images, quality, storage  # noqa: E402
-from nst_core.network import LAYER_NAMES, load_network, resolve_device  # noqa: E402
+from nst_core.network import LAYER_NAMES, load_network, resolve_device, resolve_precision  # noqa: E402
 from nst_core.params import StyleParams  # noqa: E402
 
 WEIGHTS = "random:0"
@@ -84,14 +90,14 @@ def run_reference(size: int, iterations: int, device: torch.device) -> dict[str,
     return {"wall_s": wall, "images_per_hour": len(PAIRS) * 3600 / wall, **_mean(scores)}
 
 
-def run_flow(size: int, iterations: int, device: torch.device, output: str) -> dict[str, object]:
+def run_flow(size: int, iterations: int, device: torch.device, output: str, precision: str = "auto") -> dict[str, object]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flows.stylize_manifest import stylize_manifest
 
-    defaults = StyleParams(size=size, iterations=iterations, weights=WEIGHTS, device=str(device))
+    defaults = StyleParams(size=size, iterations=iterations, weights=WEIGHTS, device=str(device), precision=precision)
     state = stylize_manifest(
         manifest_uri=str(REPO / "manifests" / "samples.csv"), output_uri=output, defaults=defaults,
         allow_local_paths=True, return_state=True,
@@ -108,7 +114,7 @@ def run_flow(size: int, iterations: int, device: torch.device, output: str) -> d
     wall = summary["wall_time_s"]
     return {
         "wall_s": wall, "images_per_hour": len(results) * 3600 / wall, "iterations_run": iterations_run,
-        "counts": summary["counts"], **_mean(scores),
+        "counts": summary["counts"], "precision": precision, **_mean(scores),
     }  # fmt: skip
 
 
@@ -116,21 +122,42 @@ def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
 
 
+def run_side(side: str, args: argparse.Namespace) -> dict[str, object]:
+    """One side of the comparison in a fresh Python process (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "side.json"
+        command = [sys.executable, __file__, "--side", side, "--side-json", str(out), "--size", str(args.size),
+                   "--iterations", str(args.iterations), "--device", args.device, "--precision", args.precision]  # fmt: skip
+        subprocess.run(command, check=True)
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=StyleParams().iterations)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="the flow's precision parameter")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--side", choices=("flow", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--side-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        flow = run_flow(args.size, args.iterations, device, tmp)
-    reference = run_reference(args.size, args.iterations, device)
+    if args.side is not None:
+        if args.side == "flow":
+            with tempfile.TemporaryDirectory() as tmp:
+                figures = run_flow(args.size, args.iterations, device, tmp, args.precision)
+        else:
+            figures = run_reference(args.size, args.iterations, device)
+        Path(args.side_json).write_text(json.dumps(figures))
+        return 0
+    flow = run_side("flow", args)
+    reference = run_side("reference", args)
     ratio = flow["images_per_hour"] / reference["images_per_hour"]
     equal_or_better = all(flow[k] <= QUALITY_MARGIN * reference[k] for k in ("style_distance", "content_distance"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"throughput at {args.size} px, {args.iterations} iterations (max), {len(PAIRS)} pairs, device {device} ({name}), torch threads {torch.get_num_threads()}")
+    print(f"flow precision: {args.precision} -> {resolve_precision(args.precision, device)}; reference: fp32")
     print(f"{'':<10} {'images/h':>10} {'wall s':>8} {'style dist':>11} {'content dist':>13}")
     for label, r in (("flow", flow), ("reference", reference)):
         print(f"{label:<10} {r['images_per_hour']:>10.1f} {r['wall_s']:>8.1f} {r['style_distance']:>11.5f} {r['content_distance']:>13.4f}")
@@ -140,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "size": args.size, "iterations": args.iterations, "device": str(device), "device_name": name,
-            "torch_threads": torch.get_num_threads(), "flow": flow, "reference": reference, "ratio": ratio,
-            "quality_equal_or_better": equal_or_better,
+            "torch_threads": torch.get_num_threads(), "precision": args.precision,
+            "precision_resolved": resolve_precision(args.precision, device), "flow": flow, "reference": reference,
+            "ratio": ratio, "quality_equal_or_better": equal_or_better,
         }, indent=2))  # fmt: skip
     return 0
 

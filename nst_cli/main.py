@@ -168,7 +168,7 @@ def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool)
     for iteration, image in result.snapshots:
         storage.write_bytes(_snapshot_path(out, iteration), images.encode(image, "png"), "image/png")
     final = ", ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items() if ":" not in k)
-    print(f"wrote {out} ({result.iterations} iterations in {result.wall_time_s:.1f} s on {result.device}; {final})")
+    print(f"wrote {out} ({result.iterations} iterations in {result.wall_time_s:.1f} s on {result.device}, {result.precision}; {final})")
     print(f"loss table {_sibling(out, '.loss.csv')}, loss plot {_sibling(out, '.loss.png')}")
     if result.extra.get("divergences"):
         fired: list[int] = result.extra["divergences"]  # type: ignore[assignment]

@@ -34,7 +34,7 @@ from torch import Tensor
 from nst_core import color, images
 from nst_core.errors import ImageError
 from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
-from nst_core.network import Network, load_network, min_image_side, resolve_device
+from nst_core.network import Network, load_network, min_image_side, resolve_device, resolve_precision
 from nst_core.optim import LBFGS_HISTORY, make_optimizer
 from nst_core.params import StyleInputsError, StyleParams
 
@@ -77,10 +77,12 @@ class StyleResult:
     device: str
     weights_id: str
     params: StyleParams
+    precision: str = "fp32"  # how the network computed: "fp32" or "bf16" (params.precision resolved on the device)
     stop_reason: str = "iterations"
     extra: dict[str, object] = field(default_factory=dict)
     snapshots: list[tuple[int, Image.Image]] = field(default_factory=list)  # (iteration, image) every save_every
     image_iteration: int | None = None  # the evaluation whose image ``image`` is (its lowest loss); None: the last
+    _pil: Image.Image | None = field(default=None, repr=False, compare=False)
 
     @property
     def final_losses(self) -> dict[str, float]:
@@ -91,7 +93,10 @@ class StyleResult:
         return {k: v for k, v in row.items() if k not in ("iteration", "size")}
 
     def to_pil(self) -> Image.Image:
-        return images.to_pil(self.image)
+        """The image as RGB (converted once: callers convert on the device's thread, see tasks.stylize.DevicePool)."""
+        if self._pil is None:
+            self._pil = images.to_pil(self.image)
+        return self._pil
 
 
 def loss_weights(params: StyleParams) -> LossWeights:
@@ -118,7 +123,7 @@ class StyleTargetCache:
     The key is the style tensor's bytes (so its size and scale, and any colour
     transform applied to it before: ``color=luminance|histogram`` make the
     style depend on the content, and the transformed bytes say so), the
-    layers, the network's weights id, normalisation, pooling and device.
+    layers, the network's weights id, normalisation, pooling, device and precision.
     """
 
     def __init__(self, max_entries: int = 64):
@@ -132,7 +137,7 @@ class StyleTargetCache:
         digest = hashlib.sha256(style.contiguous().numpy().tobytes()).hexdigest()
         key = (
             digest, tuple(style.shape), tuple(layers), network.weights_id, network.normalized,
-            network.features.pooling, str(network.device),
+            network.features.pooling, str(network.device), network.precision,
         )  # fmt: skip
         with self._lock:
             if key in self._entries:
@@ -189,12 +194,20 @@ def _rows(iteration: int, terms: dict[str, Tensor]) -> Tensor:
 
 
 def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str]) -> dict[str, Tensor]:
-    """The network's features of ``x``; on CUDA the convolutions run in bf16, the results return as fp32."""
+    """The network's features of ``x``, computed at ``network.precision``.
+
+    ``bf16``: the convolutions run in bfloat16 under autocast (on CUDA in the
+    channels-last layout its bf16 kernels prefer) and the features come back
+    as float32, so Gram matrices, loss sums and the pixels stay float32.
+    Only float32 inputs are cast; float64 (the exactness tests) runs as given.
+    """
+    if network.precision != "bf16" or x.dtype != torch.float32:
+        return network.features(x, layers)
     if network.device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            feats = network.features(x.contiguous(memory_format=torch.channels_last), layers)
-        return {name: f.float() for name, f in feats.items()}
-    return network.features(x, layers)
+        x = x.contiguous(memory_format=torch.channels_last)  # on the CPU, channels-last measured slower
+    with torch.autocast(network.device.type, dtype=torch.bfloat16):
+        feats = network.features(x, layers)
+    return {name: f.float() for name, f in feats.items()}
 
 
 @dataclass
@@ -573,6 +586,7 @@ def stylize_batch(
         )
     elif network.normalized != params.normalize_network:
         raise ValueError(f"normalize_network={params.normalize_network} but the network given is {'' if network.normalized else 'not '}normalised")
+    network = network.at_precision(resolve_precision(params.precision, network.device))
     started = time.perf_counter()
     x: Tensor | None = None
     histories: list[list[dict[str, float]]] = [[] for _ in jobs]
@@ -617,6 +631,7 @@ def stylize_batch(
             iterations=len(histories[b]),
             wall_time_s=wall,
             device=str(network.device),
+            precision=network.precision,
             weights_id=network.weights_id,
             params=job.params,
             stop_reason=reasons[b],

@@ -46,7 +46,7 @@ from nst_core.review import Decision, ReviewError, Run, finite_number, latest_pe
 IMAGES_DIR = "images"
 ONLY_CHOICES = ("kept",)
 MAX_STEM = 80
-_IGNORED_PARAMS = frozenset({"device", "max_pixels", "progress_every"})
+_IGNORED_PARAMS = frozenset({"device", "precision", "max_pixels", "progress_every"})  # params.EXECUTION_FIELDS (not imported: params imports torch)
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 _LICENCE_WORDS = re.compile(r"licen[cs]e|rights|copyright|attribution|credit|author|source", re.IGNORECASE)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}

@@ -114,6 +114,7 @@ def build_meta(
             "note": "UNTRAINED RANDOM WEIGHTS (smoke run, not ImageNet VGG-19)" if weights_id.startswith("random:") else "",
         },
         "device": result.device,
+        "precision": result.precision,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "iterations": result.iterations,
         "stop_reason": result.stop_reason,

@@ -60,8 +60,10 @@ DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 DEFAULT_CONTENT_LAYERS = ("relu4_2",)
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 
+# Parameters that say how an item runs, not what it makes: reports and exports neither compare nor filter on them.
+EXECUTION_FIELDS = frozenset({"device", "precision", "max_pixels", "progress_every"})
 # Parameters that never change the stylised image; left out of an item's identity.
-NON_OUTPUT_FIELDS = frozenset({"device", "max_pixels", "progress_every", "save_every"})
+NON_OUTPUT_FIELDS = EXECUTION_FIELDS | {"save_every"}
 # Artistic controls added after item ids were first issued: in an item's identity only when set away from
 # their default (value given here), so the ids of items made without them stay valid.
 IDENTITY_WHEN_SET: dict[str, Any] = {"style_blend_weights": None, "style_masks": None, "color": "none", "normalize_network": False}
@@ -167,6 +169,7 @@ class StyleParams(BaseModel):
     style_scale: float = Field(1.0, gt=0, le=8, description="Style image size relative to the output size.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image format of the stylised output in the pipeline.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' (CUDA when present), 'cpu' or 'cuda:N'. Does not change the result's identity.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="How VGG-19's convolutions compute: 'auto' (bfloat16 where the device does it natively: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; else float32), 'fp32' or 'bf16'. Pixels, Gram matrices and loss sums stay float32. Like device, does not change the result's identity.")
     max_pixels: int = Field(40_000_000, ge=1, le=1_000_000_000, description="Refuse input images with more pixels than this (decompression bombs).")
     tolerance: float = Field(0.005, ge=0, le=1, description="Stop an image early when its best total loss improved by less than this fraction over the last 10 iterations (0 = run every iteration).")
     scales: tuple[float, ...] = Field((1.0,), min_length=1, max_length=8, description="Coarse-to-fine schedule: fractions of size, ascending, ending at 1 (e.g. 0.5|1). Each stage starts from the previous result, upsampled.")

@@ -64,7 +64,7 @@ THUMBS_DIR = "thumbs"
 INPUT_THUMB_PX = 240
 OUTPUT_THUMB_PX = 480
 # Parameters that never change an output: not compared, not filtered on.
-_IGNORED_PARAMS = frozenset({"device", "max_pixels", "progress_every"})
+_IGNORED_PARAMS = frozenset({"device", "precision", "max_pixels", "progress_every"})  # params.EXECUTION_FIELDS (not imported: params imports torch)
 _CURVE_TERMS = ("total", "content", "style", "tv")
 
 

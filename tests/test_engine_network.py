@@ -209,6 +209,35 @@ def test_network_is_loaded_once_per_process(fresh_cache):
     torch.testing.assert_close(c.features.layers["conv3_1"].weight, a.features.layers["conv3_1"].weight, rtol=0, atol=0)
 
 
+def test_precision_auto_is_bf16_exactly_where_the_device_has_it():
+    cpu = torch.device("cpu")
+    assert network.resolve_precision("auto", cpu) == ("bf16" if network.native_bf16(cpu) else "fp32")
+    assert network.resolve_precision("fp32", cpu) == "fp32"
+    assert network.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="'auto', 'fp32' or 'bf16'"):
+        network.resolve_precision("fp16", cpu)
+
+
+def test_native_bf16_on_this_cpu_follows_its_instruction_set():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+    native = network.native_bf16(torch.device("cpu"))
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert native  # bf16 dot products in hardware
+    if not any(flag.startswith("avx512") for flag in flags):
+        assert not native  # oneDNN would emulate bf16, slower than fp32
+
+
+def test_a_network_at_another_precision_shares_its_modules(net):
+    half = net.at_precision("bf16")
+    assert half.features is net.features and (net.precision, half.precision) == ("fp32", "bf16")
+    assert net.at_precision("fp32") is net and half.at_precision("bf16") is half
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        net.at_precision("auto")
+
+
 def test_random_weights_are_seeded_and_labelled(fresh_cache):
     a = network.load_network("random:3")
     wa = {n: a.features.layers[n].weight.clone() for n in conv_names()}

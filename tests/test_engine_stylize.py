@@ -21,7 +21,7 @@ import torch
 
 from helpers import psnr, sample_image, stacked_targets
 from nst_core import IterationInfo, engine, images, quality, stylize
-from nst_core.network import Network
+from nst_core.network import Network, resolve_precision
 from nst_core.params import DEFAULT_STYLE_LAYERS, StyleParams
 
 WEIGHTS = "random:0"
@@ -71,19 +71,28 @@ def test_content_reconstruction_gets_worse_with_depth(reconstructions, tubingen)
 # --- stylising -----------------------------------------------------------------------------------
 
 
-def _stylised(size: int, tubingen, starry, net):
-    params = StyleParams(size=size, weights=WEIGHTS, device="cpu")  # defaults otherwise: <= 300 iterations, init=content
+def _stylised(size: int, precision: str, tubingen, starry, net):
+    params = StyleParams(size=size, weights=WEIGHTS, device="cpu", precision=precision)  # defaults otherwise: <= 300 iterations, init=content
     return stylize(tubingen, starry, params, network=net)
 
 
 @pytest.fixture(scope="module")
-def styled_128(tubingen, starry, net):
-    return _stylised(128, tubingen, starry, net)
+def styled(tubingen, starry, net):
+    """``styled(size, precision)``: tubingen x starry_night at default parameters, each run once per module."""
+    runs = {}
+
+    def get(size: int, precision: str = "auto"):
+        key = (size, resolve_precision(precision, torch.device("cpu")))
+        if key not in runs:
+            runs[key] = _stylised(size, key[1], tubingen, starry, net)
+        return runs[key]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def styled_64(tubingen, starry, net):
-    return _stylised(64, tubingen, starry, net)
+def styled_128(styled):
+    return styled(128)
 
 
 def test_stylising_at_128_px_lowers_the_style_loss_tenfold(styled_128):
@@ -113,12 +122,14 @@ def test_result_carries_what_the_run_did(styled_128):
     assert r.to_pil().size == (128, 96)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("size", [64, 128])
-def test_quality_criterion_holds(request, size, tubingen, starry):
+def test_quality_criterion_holds(styled, size, precision, tubingen, starry):
     """Judged by a VGG-19 with other random weights: the Gram-matrix style distance
     to the painting falls >= 5x from the photo to the output, and the output's
     relu4_2 content distance to the photo stays below the painting's."""
-    result = request.getfixturevalue(f"styled_{size}")
+    result = styled(size, precision)
+    assert result.precision == precision
     photo = images.resized_tensor(tubingen, long_side=size)
     style = images.resized_tensor(starry, long_side=size)
     height, width = photo.shape[1:]
@@ -133,6 +144,40 @@ def test_quality_criterion_holds(request, size, tubingen, starry):
     assert ratio >= 5.0, figures
     assert q_out.content_distance < q_painting.content_distance, figures
     assert q_photo.content_distance == 0.0
+
+
+def test_bf16_matches_fp32_in_judged_quality(styled, tubingen, starry):
+    """bf16 convolutions (precision=bf16, what ``auto`` picks on bf16 hardware) are a different
+    computation, not a worse result: at 128 px both land within 5 % on both judged distances."""
+    fp32, bf16 = styled(128, "fp32"), styled(128, "bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert not torch.equal(fp32.image, bf16.image)  # bf16 really ran
+    photo = images.resized_tensor(tubingen, long_side=128)
+    style = images.resized_tensor(starry, long_side=128)
+    q32, q16 = (quality.measure(r.image, photo, style, r.weights_id) for r in (fp32, bf16))
+    assert q16.style_distance <= 1.05 * q32.style_distance, (q16, q32)
+    assert q16.content_distance <= 1.05 * q32.content_distance, (q16, q32)
+
+
+def test_bf16_features_are_fp32_tensors_close_to_the_fp32_ones(net, net64, tubingen):
+    x = images.resized_tensor(tubingen, long_side=64).unsqueeze(0)
+    layers = ["relu1_1", "relu3_1", "relu5_1"]
+    plain = engine.features(net.at_precision("fp32"), x, layers)
+    half = engine.features(net.at_precision("bf16"), x, layers)
+    for name in layers:
+        assert half[name].dtype == torch.float32
+        error = float((half[name] - plain[name]).norm() / plain[name].norm())
+        assert 0.0 < error < 0.05, (name, error)
+    # float64 is never cast: the exactness tests run as given
+    assert engine.features(net64.at_precision("bf16"), x.double(), ["relu1_1"])["relu1_1"].dtype == torch.float64
+
+
+def test_style_targets_are_cached_per_precision(net, starry):
+    cache = engine.StyleTargetCache()
+    style = images.resized_tensor(starry, long_side=64)
+    for precision in ("fp32", "bf16", "fp32", "bf16"):
+        cache.get(net.at_precision(precision), style, DEFAULT_STYLE_LAYERS)
+    assert (cache.misses, cache.hits) == (2, 2)
 
 
 # --- callbacks, init ---------------------------------------------------------------------------
@@ -339,7 +384,8 @@ def test_adam_counts_iterations_like_lbfgs(tubingen, starry, net):
 # within 10 iterations (measured: the total loss goes 522 -> 232 -> 540 at iteration 6 and ends
 # near 1.5e4 without the guard; with it, the guard fires at 6 and 9 and the loss ends at 155).
 
-GUARD = dict(size=32, iterations=16, lr=3.0, tolerance=0, weights=WEIGHTS, device="cpu")
+# fp32: the guard tests compare stylize() with engine.optimise() on the fp32 network and recompute losses in fp32
+GUARD = dict(size=32, iterations=16, lr=3.0, tolerance=0, weights=WEIGHTS, device="cpu", precision="fp32")
 
 
 def test_lbfgs_reset_touches_only_the_items_it_names():

@@ -50,7 +50,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 COLUMNS = [
     "id", "content_uri", "style_uri", "size", "iterations", "optimizer", "lr", "weights", "weights_sha256",
     "content_weight", "style_weight", "tv_weight", "init", "seed", "content_layers", "style_layers",
-    "style_layer_weights", "pooling", "output_format", "device", "max_pixels", "scales", "scale_iterations",
+    "style_layer_weights", "pooling", "output_format", "device", "precision", "max_pixels", "scales", "scale_iterations",
     "style_blend_weights", "style_masks", "color", "normalize_network", "loss_normalization", "progress_every",
     "save_every", "style_scale", "tolerance", "meta_note", "meta_source",
 ]  # fmt: skip
@@ -122,6 +122,7 @@ BROKEN: list[tuple[str, dict[str, str], str, str]] = [
     ("color enum", {"color": "sepia"}, "color", "'none', 'luminance' or 'histogram'"),
     ("normalisation enum", {"loss_normalization": "none"}, "loss_normalization", "'target' or 'paper'"),
     ("device", {"device": "tpu"}, "device", "should match pattern"),
+    ("precision", {"precision": "fp16"}, "precision", "'auto', 'fp32' or 'bf16'"),
     ("boolean", {"normalize_network": "maybe"}, "normalize_network", "valid boolean"),
     ("too many scales", {"scales": "0.1|0.2|0.3|0.4|0.5|0.6|0.7|0.8|1"}, "scales", "at most 8 items"),
     ("too few scales", {"scales": "|"}, "scales", "at least 1 item"),

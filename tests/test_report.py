@@ -216,3 +216,10 @@ def test_s3_run_report_copied_locally_review_and_export(prefect_server, s3_bucke
         if key.endswith((".json", ".html", ".csv", ".jsonl", ".md", ".parquet")):
             data = storage.read_bytes(key)
             assert not [s for s in secrets if s.encode() in data], key
+
+
+def test_report_and_export_ignore_exactly_the_execution_parameters():
+    """report.py and export.py keep their own copy (importing params would import torch); this keeps them true."""
+    from nst_core import export, params, report
+
+    assert report._IGNORED_PARAMS == export._IGNORED_PARAMS == params.EXECUTION_FIELDS

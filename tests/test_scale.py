@@ -109,3 +109,24 @@ def test_chunking_bounds_tasks_in_flight(prefect_server, sample_images, tmp_path
     parts = [u for u in storage.list_prefix(summary["run_folder"]) if "/parts/" in u]
     assert len(parts) == 3  # 2 + 2 + 1 rows: results written after every chunk
     assert summary["counts"]["succeeded"] == 5
+
+
+def test_device_work_runs_on_the_devices_own_thread():
+    """All PyTorch work on a device runs on one long-lived thread (tasks.stylize.DevicePool), whatever
+    task thread asks: many OpenMP teams on a small CPU slowed the optimisation by a quarter."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.stylize import DevicePool
+
+    pool = DevicePool()
+
+    def ask(_: int) -> str:
+        with pool.acquire("cpu") as device:
+            return pool.run(device, lambda: threading.current_thread().name)
+
+    with ThreadPoolExecutor(4) as askers:
+        names = set(askers.map(ask, range(8)))
+    assert names == {"nst-cpu_0"}
+    with pool.acquire("cpu") as device, pytest.raises(ZeroDivisionError):
+        pool.run(device, lambda: 1 / 0)
