@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             engine_seconds[0] += time.perf_counter() - t0
 
     task_module.engine.stylize_batch = timed
-    baseline_per_item = engine_baseline(args.size, args.iterations, min(args.items, 100))
+    baseline_per_item = baseline_in_a_fresh_process(args.size, args.iterations, min(args.items, 100))
     with tempfile.TemporaryDirectory() as tmp:
         server = start_s3_server(Path(tmp) / "s3")
         try:
@@ -146,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def baseline_in_a_fresh_process(size: int, iterations: int, count: int) -> float:
+    """:func:`engine_baseline` in a child process: PyTorch run on this process's main thread would keep an
+    OpenMP team alive and slow the flow's device thread (see tasks.stylize.DevicePool)."""
+    code = f"import soak; print(soak.engine_baseline({size}, {iterations}, {count}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def engine_baseline(size: int, iterations: int, count: int) -> float:

@@ -45,6 +45,15 @@ OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "PPM")
 _FORMAT_NAMES = "PNG, JPEG, WebP, GIF, TIFF, BMP, PPM"
 
+FILE_METADATA_ALLOWANCE = 16 << 20  # EXIF, ICC profiles, XMP, PNG text: bytes an image file may hold beside its pixels
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest input file worth reading for ``max_pixels``: uncompressed 16-bit RGBA (8 bytes per
+    pixel, the widest format the loader opens) plus metadata. Larger files are refused unread."""
+    return 8 * max_pixels + FILE_METADATA_ALLOWANCE
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_TEXT_BYTES = 1 << 20  # per text chunk, raw or decompressed (Pillow's own PngImagePlugin.MAX_TEXT_CHUNK)
 MAX_PNG_TEXT_TOTAL = 8 << 20  # all kept text chunks together

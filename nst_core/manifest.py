@@ -49,6 +49,7 @@ META_PREFIX = "meta_"
 MAX_ID_LENGTH = 200
 MAX_URI_LENGTH = 2048
 MAX_SHOWN_VALUE = 60  # characters of an offending cell quoted in a reason
+MAX_MANIFEST_BYTES = 256 << 20  # refused unread above this (a 100,000-row manifest is ~30 MB)
 
 # Characters refused in ids and URIs: C0/C1 controls and DEL, bidirectional overrides and isolates (text
 # that displays differently from what it is), line/paragraph separators and the zero-width no-break space.
@@ -374,6 +375,6 @@ def load_manifest(uri: str, **kwargs: Any) -> Manifest:
     allow_local = kwargs.get("allow_local_paths", True)
     if storage.is_local(uri) and not allow_local:
         raise ManifestError(f"manifest {uri}: local paths are refused (allow_local_paths is off)")
-    data = storage.read_bytes(uri)
+    data = storage.read_bytes(uri, max_bytes=MAX_MANIFEST_BYTES)
     base_dir = os.path.dirname(os.path.abspath(uri.removeprefix("file://"))) if storage.is_local(uri) else None
     return parse_manifest(data, source=storage.sanitize_uri(uri), base_dir=base_dir, **kwargs)

@@ -48,6 +48,7 @@ deeper (average pooling passes on less than max pooling does). A channel that
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -254,6 +255,10 @@ def _pickled_global(path: str) -> str | None:
     return None
 
 
+# OSErrors about the file itself; others (torch's zip reader raises EINVAL on a corrupt archive) are about its content.
+_FILE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOENT, errno.EIO})
+
+
 def _load_failure(path: str, exc: BaseException) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed, as the tail of one line.
 
@@ -274,10 +279,11 @@ def _load_failure(path: str, exc: BaseException) -> str:
             f"{path} refused: it holds objects other than tensors (it imports {imported}); "
             "read with weights_only=True, nothing in it was run"
         )
-    if isinstance(exc, (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError)):
-        return f"{path}: not a PyTorch state dict (corrupt, truncated or not written by torch.save; read with weights_only=True)"
-    reason = text.strip().splitlines()[0][:200] if text.strip() and "weights_only" not in text else type(exc).__name__
-    return f"{path}: cannot be read ({reason})"
+    if isinstance(exc, OSError) and exc.errno in _FILE_ERRNOS:  # the file itself, not its content
+        reason = text.strip().splitlines()[0][:200] if text.strip() and "weights_only" not in text else type(exc).__name__
+        return f"{path}: cannot be read ({reason})"
+    # Anything else came from parsing: random bytes fed to the unpickler raise IndexError, TypeError, ... too.
+    return f"{path}: not a PyTorch state dict (corrupt, truncated or not written by torch.save; read with weights_only=True)"
 
 
 def _file_state_dict(path: str, expected_sha256: str | None) -> dict[str, Tensor]:

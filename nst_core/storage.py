@@ -148,6 +148,12 @@ class NoSuchBucket(StorageError):
     transient = False
 
 
+class ObjectTooLarge(StorageError):
+    """The object is larger than the caller accepts (checked before its bytes are read)."""
+
+    transient = False
+
+
 class TransientStorageError(StorageError):
     """A failure that may go away: endpoint unreachable, timeout, throttling, 5xx."""
 
@@ -578,28 +584,41 @@ def retry_transient(
 # --------------------------------------------------------------------------- operations
 
 
-def read_bytes(uri: str | os.PathLike[str]) -> bytes:
+def read_bytes(uri: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
     """Return the whole content of an object or local file.
 
+    ``max_bytes``: refuse an object larger than this before reading its bytes
+    (:class:`ObjectTooLarge`), so a mistaken multi-gigabyte object cannot fill memory.
+
     Raises:
-        ObjectNotFound, NoSuchBucket, AccessDenied, TransientStorageError, StorageError.
+        ObjectNotFound, NoSuchBucket, AccessDenied, ObjectTooLarge, TransientStorageError, StorageError.
     """
     p = _object(uri)
     text = p.uri
+    err: StorageError | None
     if p.scheme == "file":
         assert p.path is not None
         try:
-            return p.path.read_bytes()
+            if (err := _too_large(text, p.path.stat().st_size, max_bytes)) is None:
+                return p.path.read_bytes()
         except OSError as exc:
             err = _os_error(exc, text)
         raise err
     try:
         resp = _s3_client().get_object(Bucket=p.bucket, Key=p.key)
-        data: bytes = resp["Body"].read()
-        return data
+        if (err := _too_large(text, int(resp.get("ContentLength") or 0), max_bytes)) is None:
+            data: bytes = resp["Body"].read()
+            return data
+        resp["Body"].close()
     except Exception as exc:
         err = _translate(exc, text, p.bucket)
-    raise err
+    raise err  # outside the except: the error carries no botocore context
+
+
+def _too_large(uri: str, size: int, max_bytes: int | None) -> ObjectTooLarge | None:
+    if max_bytes is not None and size > max_bytes:
+        return ObjectTooLarge(uri, f"{size:,} bytes, more than the {max_bytes:,}-byte limit for this input")
+    return None
 
 
 def _content_type(key: str, content_type: str | None) -> str:

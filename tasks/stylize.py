@@ -138,10 +138,14 @@ def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: in
     or ``failed`` when an input cannot be read).
     """
     uris = sorted({uri for row in rows for uri in row.input_uris().values()})
+    limits: dict[str, int] = {}
+    for row in rows:
+        for uri in row.input_uris().values():
+            limits[uri] = max(limits.get(uri, 0), images.max_file_bytes(row.params.max_pixels))
 
     def digest(uri: str) -> tuple[str, str | Exception, tuple[int, int] | None]:
         try:
-            data = storage.read_bytes(uri)
+            data = storage.read_bytes(uri, max_bytes=limits[uri])
         except storage.StorageError as exc:
             if exc.transient:
                 raise
@@ -257,7 +261,7 @@ STYLE_CACHE = engine.StyleTargetCache()
 def _fetch_images(work: Work) -> dict[str, Any]:
     loaded = {}
     for role, uri in work.row.input_uris().items():
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, max_bytes=images.max_file_bytes(work.row.params.max_pixels))
         if storage.sha256_bytes(data) != work.input_sha256[role]:
             raise NSTError(f"{role} {storage.sanitize_uri(uri)} changed during the run (sha256 differs); re-run to pick it up")
         loaded[role] = images.load_image(data, name=storage.sanitize_uri(uri), max_pixels=work.row.params.max_pixels)

@@ -416,6 +416,23 @@ def test_corrupt_weights_files_are_refused(fresh_cache, tmp_path, state_file, ki
     assert not suggests_an_unsafe_load(message) and "holds objects" not in message
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_random_bytes_are_called_not_a_state_dict(fresh_cache, tmp_path):
+    """Random bytes reach the unpickler with any error type (IndexError, TypeError, ...); each is one clear line."""
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "random.pth"
+    for i in range(150):
+        head = (b"\x80\x02", b"\x80\x05", b"PK\x03\x04", b"")[i % 4]  # pickle, zip, or nothing in front
+        path.write_bytes(head + rng.randbytes(rng.randint(1, 4096)))
+        with pytest.raises(WeightsError) as info:
+            network.load_network(str(path))
+        message = str(info.value)
+        assert "not a PyTorch state dict" in message or "holds objects other than tensors" in message, (i, message)
+        assert "\n" not in message and not suggests_an_unsafe_load(message)
+
+
 def test_missing_weights_file_is_refused(fresh_cache, tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         network.load_network(str(tmp_path / "nope.pth"))

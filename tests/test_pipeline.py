@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from nst_core import storage
+from nst_core import images, storage
 from nst_core.params import StyleParams
 
 TINY = StyleParams(size=32, iterations=4, weights="random:0", progress_every=2)
@@ -183,15 +183,18 @@ def test_local_paths_refused_unless_allowed(prefect_server, tmp_path):
     assert state.is_failed() and "allow_local_paths" in str(error)
 
 
-def test_missing_object_and_wrong_bucket_fail_alone(prefect_server, s3_inputs):
+def test_missing_object_wrong_bucket_and_oversized_input_fail_alone(prefect_server, s3_inputs):
     bucket, uris = s3_inputs
+    huge = f"s3://{bucket}/inputs/huge.jpg"  # larger than any image of max_pixels=1 could be: refused unread
+    storage.write_bytes(huge, b"\xff\xd8" + bytes(images.max_file_bytes(1)))
     manifest = write_manifest(
         f"s3://{bucket}/m.csv",
-        ["id", "content_uri", "style_uri"],
+        ["id", "content_uri", "style_uri", "max_pixels"],
         [
-            ["ok", uris["tubingen.jpg"], uris["starry_night.jpg"]],
-            ["missing", f"s3://{bucket}/inputs/nope.jpg", uris["starry_night.jpg"]],
-            ["nobucket", "s3://no-such-bucket-nst/x.jpg", uris["starry_night.jpg"]],
+            ["ok", uris["tubingen.jpg"], uris["starry_night.jpg"], ""],
+            ["missing", f"s3://{bucket}/inputs/nope.jpg", uris["starry_night.jpg"], ""],
+            ["nobucket", "s3://no-such-bucket-nst/x.jpg", uris["starry_night.jpg"], ""],
+            ["toolarge", huge, uris["starry_night.jpg"], "1"],
         ],
     )
     state, summary = run_flow(manifest_uri=manifest, output_uri=f"s3://{bucket}/out")
@@ -200,6 +203,8 @@ def test_missing_object_and_wrong_bucket_fail_alone(prefect_server, s3_inputs):
     assert results.loc["ok", "status"] == "succeeded"
     assert results.loc["missing", "status"] == "failed" and f"s3://{bucket}/inputs/nope.jpg" in results.loc["missing", "error"]
     assert results.loc["nobucket", "status"] == "failed" and "no-such-bucket-nst" in results.loc["nobucket", "error"]
+    limit = f"{images.max_file_bytes(1):,}-byte limit"
+    assert results.loc["toolarge", "status"] == "failed" and huge in results.loc["toolarge", "error"] and limit in results.loc["toolarge", "error"]
 
 
 def test_wrong_credentials_clear_error_without_secret(prefect_server, s3_inputs, monkeypatch):

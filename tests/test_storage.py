@@ -374,6 +374,19 @@ def test_s3_round_trip_and_overwrite(s3_bucket: str, s3_server) -> None:
     assert head["ContentType"] == "application/x-nst"
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_refuses_an_object_over_max_bytes_unread(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    base = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
+    uri = storage.join(base, "in", "big.png")
+    storage.write_bytes(uri, b"x" * 1000)
+    assert storage.read_bytes(uri, max_bytes=1000) == b"x" * 1000  # the limit itself is allowed
+    with pytest.raises(storage.ObjectTooLarge) as info:
+        storage.read_bytes(uri, max_bytes=999)
+    assert not info.value.transient and "1,000 bytes, more than the 999-byte limit" in str(info.value)
+    assert uri.removeprefix("file://") in str(info.value) or storage.sanitize_uri(uri) in str(info.value)
+    assert info.value.__context__ is None  # nothing of boto3's error rides along
+
+
 def test_s3_exists_and_delete(s3_bucket: str) -> None:
     uri = f"s3://{s3_bucket}/a/meta.json"
     assert storage.exists(uri) is False
