@@ -485,24 +485,39 @@ def resolve_device(device: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bfloat16 convolutions natively: CUDA GPUs with bf16 (Ampere on), and CPUs
-    with AVX512-BF16 or AMX (oneDNN's own test; elsewhere PyTorch emulates bf16 on the CPU, slower than fp32)."""
+    """Whether ``device`` runs bfloat16 convolutions natively: CUDA GPUs with bf16 tensor cores (Ampere
+    on; not the emulation older GPUs offer), and CPUs with bf16 dot-product instructions (AVX512-BF16
+    or AMX) that oneDNN uses. Elsewhere bf16 would be emulated, no faster than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
-    return False
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # true from plain AVX512 on (emulated there)
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+    flags = _cpu_flags()
+    return onednn and (flags is None or bool(flags & {"avx512_bf16", "amx_bf16"}))
+
+
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where there is none to read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` is ``bf16`` where :func:`native_bf16`, else ``fp32``; ``fp32`` and ``bf16`` are taken as given.
 
-    bf16 halves the convolutions' time on such hardware (measured: 1.8x per iteration on an AVX512-BF16
-    CPU at 128 px, ``benchmarks/engine.py``) at no measurable cost in the judged quality; ``fp32`` is
-    there for bit-level reproducibility studies and for hardware where bf16 would be emulated.
+    On an AVX512-BF16 CPU bf16 made an iteration 1.5-1.6x faster (64-256 px, ``benchmarks/engine.py``)
+    for a judged quality within 4 % of fp32's (README, Benchmark figures); ``fp32`` is there when
+    that matters, and for hardware where bf16 would be emulated.
     """
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"

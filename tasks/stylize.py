@@ -137,11 +137,11 @@ def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: in
     Returns, per row, a :class:`Work` to do or an :class:`Outcome` (``cached``,
     or ``failed`` when an input cannot be read).
     """
-    uris = sorted({uri for row in rows for uri in row.input_uris().values()})
-    limits: dict[str, int] = {}
+    limits: dict[str, int] = {}  # per distinct input: the largest file a row using it accepts
     for row in rows:
         for uri in row.input_uris().values():
             limits[uri] = max(limits.get(uri, 0), images.max_file_bytes(row.params.max_pixels))
+    uris = sorted(limits)
 
     def digest(uri: str) -> tuple[str, str | Exception, tuple[int, int] | None]:
         try:
