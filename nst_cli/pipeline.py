@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nst_cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
+from nst_core.status import ALWAYS_SHOWN_STATUSES
 
 # Seconds per iteration at 512 px with L-BFGS, for the plan's device-hours estimate
 # (measured: see README, benchmarks/engine.py). Scales with pixel count.
@@ -87,8 +88,7 @@ def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
 
 
 def print_summary(summary: dict[str, Any], outcomes_csv: str | None = None) -> None:
-    # The four everyday statuses always; the concurrent-run ones only when they occur.
-    counts = {k: n for k, n in summary["counts"].items() if n or k in ("succeeded", "cached", "failed", "invalid")}
+    counts = {k: n for k, n in summary["counts"].items() if n or k in ALWAYS_SHOWN_STATUSES}
     width = max(len(k) for k in counts)
     print(f"run {summary['run']}: {summary['rows']} rows in {summary['wall_time_s']:.1f} s")
     for status, n in counts.items():

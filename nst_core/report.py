@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from nst_core import storage
-from nst_core.status import DONE_STATUSES, STATUSES
+from nst_core.status import ALWAYS_SHOWN_STATUSES, DONE_STATUSES, STATUSES
 from nst_core.review import (
-    finite_number,
     BULK_FORMAT,
     VERDICTS,
     Decision,
     Run,
+    finite_number,
     latest_per_reviewer,
     load_decisions,
     open_run,
@@ -580,7 +580,7 @@ def _banner_html(note: str) -> str:
 
 def _stats_html(counts: Counter[str], verdicts: Counter[str], total: int) -> str:
     tiles = [f'<div class="tile"><b>{total}</b><span>rows</span></div>']
-    shown = [s for s in STATUSES if counts.get(s) or s in ("succeeded", "cached", "failed", "invalid")]  # rarer ones when they occur
+    shown = [s for s in STATUSES if counts.get(s) or s in ALWAYS_SHOWN_STATUSES]
     tiles += [f'<div class="tile st-{s}"><b>{counts.get(s, 0)}</b><span>{s.replace("_", " ")}</span></div>' for s in shown]
     tiles += [f'<div class="tile v-{v}"><b>{verdicts.get(v, 0)}</b><span>{v}</span></div>' for v in VERDICTS]
     return "".join(tiles)

@@ -63,7 +63,6 @@ class ReviewError(NSTError):
 # --------------------------------------------------------------------------- runs
 
 
-
 def finite_number(value: Any) -> float | None:
     """A stored value as a finite float, or None (missing, text, NaN, inf): stored metadata is not trusted."""
     try:

@@ -9,3 +9,4 @@
 #   invalid                refused at validation; ``error`` names the row, column and reason
 STATUSES = ("succeeded", "cached", "done_elsewhere", "in_progress_elsewhere", "failed", "invalid")
 DONE_STATUSES = ("succeeded", "cached", "done_elsewhere")  # rows whose item has its outputs
+ALWAYS_SHOWN_STATUSES = ("succeeded", "cached", "failed", "invalid")  # summaries show the concurrent-run ones only when they occur
