@@ -11,14 +11,25 @@ flow import Prefect only when they are called.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def package_version() -> str:
+    """The installed nst-bulk version (``importlib.metadata``; no torch import for ``--version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nst-bulk")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 class UsageError(Exception):
@@ -36,8 +47,19 @@ def format_validation_error(exc: ValidationError, flag_style: bool = True) -> st
     return "invalid parameters: " + "; ".join(parts)
 
 
+def field_choices(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed values of a ``Literal[...]`` field (``pooling``: ``('avg', 'max')``), else None."""
+    if get_origin(annotation) is Literal:
+        return tuple(str(v) for v in get_args(annotation))
+    return None
+
+
 def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """One flag per StyleParams field; unset flags stay None (the model's default applies)."""
+    """One flag per StyleParams field; unset flags stay None (the model's default applies).
+
+    Boolean fields are switches (``--normalize-network`` / ``--no-normalize-network``); fields
+    with a fixed set of values take only those (``--pooling {avg,max}``), listed in ``--help``.
+    """
     from nst_core.params import StyleParams
 
     group = parser.add_argument_group("style parameters")
@@ -46,13 +68,13 @@ def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -
             continue
         default = info.default
         shown = "|".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=None,
-            metavar=name.split("_")[-1].upper(),
-            help=f"{info.description} (default: {shown})",
-        )
+        flag, text = "--" + name.replace("_", "-"), f"{info.description} (default: {shown})"
+        if info.annotation is bool:
+            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
+        elif choices := field_choices(info.annotation):
+            group.add_argument(flag, dest=name, default=None, choices=choices, help=text)
+        else:
+            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=text)
 
 
 def style_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -202,12 +224,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` pairs as a dict; an unknown key is refused with the nearest valid names."""
+    from nst_core.params import StyleParams
+
     values: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {pair!r}: expected key=value")
-        values[key.strip().replace("-", "_")] = value
+        name = key.strip().replace("-", "_")
+        if name not in StyleParams.model_fields:
+            close = difflib.get_close_matches(name, list(StyleParams.model_fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; `nst run --help` lists the style parameters"
+            raise UsageError(f"--set {key.strip()}={value}: unknown parameter {key.strip()!r}{hint}")
+        values[name] = value
     return values
 
 
@@ -231,6 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nst", description="Bulk neural style transfer (Gatys et al., 2015).")
+    parser.add_argument("--version", action="version", version=f"nst {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stylize", help="stylise one content image with one style image (or a blend of several)")
@@ -258,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a style parameter default under the manifest's columns (repeatable)")
         p.add_argument("--strict", action="store_true", help="fail before any work when any row is invalid")
         p.add_argument("--no-local-paths", action="store_true", help="refuse local paths in the manifest (only s3://)")
+        if name == "validate":
+            p.add_argument("--json", action="store_true", help="print the plan as JSON (and nothing else) on stdout")
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo items that are already done")
             p.add_argument("--max-items", type=int, default=None, help="stop planning after this many rows")
