@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.progress import listening
 from nst_core import lease, storage
 from nst_core.items import META_FILE
 
@@ -151,14 +152,16 @@ def test_s3_outage_past_the_retry_budget_fails_items_and_a_rerun_completes_them(
     bucket, uris = s3_samples
     manifest, output = _manifest(bucket, uris, [QUICK, SLOW, SLOW, SLOW]), f"s3://{bucket}/out"
     flow = FlowThread(manifest, output, retries=0, retry_delay_s=0.2)
-    flow.start()
-    _when_first_item_is_done(output, flow)
-    s3_server.stop()
-    try:
-        time.sleep(10)  # the slow items finish optimising, cannot store, and have no retries left
-    finally:
-        s3_server.start()
-    state, summary = flow.result()  # the run's own results are written once S3 is back (storage_patience_s)
+    every_row_settled = threading.Event()
+    with listening(lambda p: every_row_settled.set() if p.done >= p.total else None):  # flows.progress, in this process
+        flow.start()
+        _when_first_item_is_done(output, flow)
+        s3_server.stop()
+        try:  # S3 stays down until the slow items have finished optimising, failed to store and have no retries left
+            assert every_row_settled.wait(300), "the slow items never settled while S3 was down"
+        finally:
+            s3_server.start()
+        state, summary = flow.result()  # the run's own results are written once S3 is back (storage_patience_s)
     assert state.is_failed()
     rows = _results(summary)
     failed = {i for i, r in rows.items() if r["status"] == "failed"}
