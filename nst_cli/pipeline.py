@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nst_cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
-from nst_core.status import ALWAYS_SHOWN_STATUSES
+from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
+from nst_run.status import ALWAYS_SHOWN_STATUSES
 
 # Seconds per iteration at 512 px with L-BFGS, for the plan's device-hours estimate
 # (measured: see README, benchmarks/engine.py). Scales with pixel count.
@@ -43,15 +43,15 @@ def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
     import torch
 
     from nst_core import storage
-    from nst_core.manifest import load_manifest
-    from tasks.stylize import Outcome, Work, resolve_items
+    from nst_run.manifest import load_manifest
+    from nst_run.planning import Outcome, Work, resolve_items
 
     defaults = _defaults(sets)
     manifest = load_manifest(args.manifest, defaults=defaults, allow_local_paths=not args.no_local_paths)
     cached = failed = 0
     todo: list[Work] = []
     if args.output:
-        resolved = resolve_items.fn(manifest.rows, args.output, False)
+        resolved = resolve_items(manifest.rows, args.output, False)
         todo = [r for r in resolved if isinstance(r, Work)]
         cached = sum(1 for r in resolved if isinstance(r, Outcome) and r.status == "cached")
         failed = [r for r in resolved if isinstance(r, Outcome) and r.status == "failed"]
@@ -105,7 +105,7 @@ def _run_flow(
 ) -> tuple[int, dict[str, Any] | None]:
     _quiet_prefect_env()
     from flows.stylize_manifest import stylize_manifest
-    from nst_core.manifest import ManifestError
+    from nst_run.manifest import ManifestError
     from nst_core.storage import StorageError
 
     parameters = dict(

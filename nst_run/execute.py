@@ -1,18 +1,23 @@
-"""Prefect tasks: thin wrappers that call the engine and storage.
+"""Computing items, as plain functions: the device pool, batched optimisation, OOM halving, outputs, leases.
 
-* :func:`read_manifest`: read and validate a manifest.
-* :func:`resolve_items`: hash each row's inputs, compute its ``item_id`` and
-  see whether the item is already done (``meta.json`` present).
-* :func:`stylize_item`: fetch, optimise, write the outputs, ``meta.json`` last.
+* :class:`DevicePool` (one per process, :data:`DEVICES`): each device lent to one batch at a time, and
+  every PyTorch computation on it run on its own long-lived thread.
+* :func:`stylize_items`: lease each item of a batch (:mod:`nst_run.lease`), fetch and verify its
+  inputs, optimise the batch in one go (on out-of-memory: halve, then one by one), judge it
+  (:mod:`nst_core.quality`), write each item's files with ``meta.json`` last, release the leases;
+  then wait for the items another run holds.
+* :func:`auto_batch_size`: how many items of a size the first GPU's free memory holds.
 
-Transient storage errors raise, so Prefect retries the task; every other
-failure of an item is returned as a ``failed`` outcome with its reason, so one
-bad item never stops the others.
+Transient storage errors raise, so the caller (a Prefect task, ``tasks.steps``) retries; every other
+failure of an item is returned as a ``failed`` outcome with its reason, so one bad item never stops
+the others. This is the one module of :mod:`nst_run` that imports torch; no other module of the
+package imports it (tests/unit/test_layers.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import socket
@@ -21,188 +26,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from nst_core import engine, history, images, items, lease, quality, storage
+from nst_core import engine, history, images, quality, storage
 from nst_core.errors import NSTError
-from nst_core.status import STATUSES  # re-exported for tasks.results
-from nst_core.manifest import InvalidRow, Manifest, RowSpec, load_manifest
-from nst_core.network import WeightsSpec, load_network, resolve_device
-from nst_core.params import StyleParams
+from nst_core.engine import estimate_item_bytes, network_for
+from nst_core.network import resolve_device
+from nst_run import items, lease
+from nst_run.paths import ItemPaths
+from nst_run.planning import Outcome, Work, cached_outcome, item_paths, outcome_for_row
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Work:
-    """A resolved row: its item id and the hashes of its inputs."""
-
-    row: RowSpec
-    item_id: str
-    input_sha256: dict[str, str]
-    weights_id: str
-    weights_path: str | None = None
-    content_size: tuple[int, int] | None = None  # (width, height) after EXIF orientation, read from the header
-
-    def batch_key(self) -> tuple[object, ...]:
-        """Works with equal keys can share one optimisation: same parameters and same size at every stage."""
-        if self.content_size is None:
-            return ("alone", self.item_id)
-        shapes = tuple(images.fitted_size(*self.content_size, side) for side, _ in self.row.params.stages)
-        return (self.row.params.batch_key(), shapes)
-
-
-@dataclass
-class Outcome:
-    """What happened to one manifest row (one line of the results table)."""
-
-    row: int
-    id: str
-    status: str
-    error: str = ""
-    item_id: str = ""
-    output_uri: str = ""
-    content_uri: str = ""
-    style_uri: str = ""
-    iterations: int = 0
-    duration_s: float = 0.0
-    device: str = ""
-    weights_id: str = ""
-    losses: dict[str, float] = field(default_factory=dict)
-    style_distance: float | None = None  # quality score (nst_core.quality), lower is better
-    content_distance: float | None = None
-    meta: dict[str, str] = field(default_factory=dict)
-
-    def as_row(self) -> dict[str, Any]:
-        data = asdict(self)
-        losses, meta = data.pop("losses"), data.pop("meta")
-        data.update({f"loss_{k.replace(':', '_')}": v for k, v in losses.items() if k in ("total", "content", "style", "tv")})
-        data.update(meta)
-        return data
-
-
-def outcome_for_invalid(bad: InvalidRow) -> Outcome:
-    return Outcome(row=bad.row, id=bad.id, status="invalid", error=bad.error, meta=bad.meta)
-
-
-def outcome_for_row(row: RowSpec, status: str, **kwargs: Any) -> Outcome:
-    return Outcome(row=row.row, id=row.id, status=status, content_uri=row.content_uri, style_uri=row.style_uri, meta=row.meta, **kwargs)
-
-
-def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only storage errors that may go away."""
-    try:
-        state.result()
-    except storage.StorageError as exc:
-        return exc.transient
-    except Exception:
-        return False
-    return False
-
-
-# --- manifest ---------------------------------------------------------------------------
-
-
-@task(name="read-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
-def read_manifest(manifest_uri: str, defaults: StyleParams, allow_local_paths: bool, max_items: int | None) -> Manifest:
-    return load_manifest(manifest_uri, defaults=defaults, allow_local_paths=allow_local_paths, max_items=max_items)
-
-
-# --- resolving ----------------------------------------------------------------------------
-
-
-def _weights_identity(params: StyleParams) -> tuple[str, str | None]:
-    """(weights id, local path) without loading a network; files are fetched and hashed."""
-    from nst_core.network import sha256_file, weights_id
-
-    spec = WeightsSpec.parse(params.weights)
-    if spec.kind != "file":
-        return weights_id(params.weights), None
-    local = str(storage.fetch_to_cache(params.weights))
-    digest = sha256_file(local)
-    if params.weights_sha256 and digest != params.weights_sha256.lower():
-        raise NSTError(f"weights {storage.sanitize_uri(params.weights)}: sha256 is {digest}, expected {params.weights_sha256}")
-    return "sha256:" + digest, local
-
-
-@task(name="resolve-items", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
-def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8) -> list[Work | Outcome]:
-    """Hash every row's inputs (each distinct URI once), compute item ids, detect finished items.
-
-    Returns, per row, a :class:`Work` to do or an :class:`Outcome` (``cached``,
-    or ``failed`` when an input cannot be read).
-    """
-    limits: dict[str, int] = {}  # per distinct input: the largest file a row using it accepts
-    for row in rows:
-        for uri in row.input_uris().values():
-            limits[uri] = max(limits.get(uri, 0), images.max_file_bytes(row.params.max_pixels))
-    uris = sorted(limits)
-
-    def digest(uri: str) -> tuple[str, str | Exception, tuple[int, int] | None]:
-        try:
-            data = storage.read_bytes(uri, max_bytes=limits[uri])
-        except storage.StorageError as exc:
-            if exc.transient:
-                raise
-            return uri, exc, None
-        return uri, storage.sha256_bytes(data), images.header_size(data)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = list(pool.map(digest, uris))
-    hashes = {uri: sha for uri, sha, _ in found}
-    sizes = {uri: size for uri, _, size in found}
-    weights: dict[str, tuple[str, str | None] | Exception] = {}
-    resolved: list[Work | Outcome] = []
-    for row in rows:
-        missing = [f"{role} {exc}" for role, uri in row.input_uris().items() if isinstance(exc := hashes[uri], Exception)]
-        if missing:
-            resolved.append(outcome_for_row(row, "failed", error="; ".join(missing)))
-            continue
-        if row.params.weights not in weights:
-            try:
-                weights[row.params.weights] = _weights_identity(row.params)
-            except (storage.StorageError, NSTError) as exc:
-                weights[row.params.weights] = exc
-        ident = weights[row.params.weights]
-        if isinstance(ident, Exception):
-            resolved.append(outcome_for_row(row, "failed", error=str(ident)))
-            continue
-        sha = {role: str(hashes[uri]) for role, uri in row.input_uris().items()}
-        work = Work(row, items.item_id(sha, row.params, ident[0]), sha, ident[0], ident[1], sizes[row.content_uri])
-        resolved.append(work)
-    todo = [w for w in resolved if isinstance(w, Work)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        metas = list(pool.map(lambda w: None if force else items.read_meta(_paths(w, output_uri)), todo))
-    done = {w.item_id: meta for w, meta in zip(todo, metas, strict=True) if meta is not None}
-    return [cached_outcome(r, output_uri, done[r.item_id]) if isinstance(r, Work) and r.item_id in done else r for r in resolved]
-
-
-def _paths(work: Work, output_uri: str) -> items.ItemPaths:
-    return items.ItemPaths(output_uri, work.item_id, work.row.params.output_format)
-
-
-def cached_outcome(work: Work, output_uri: str, meta: dict[str, Any], status: str = "cached") -> Outcome:
-    return outcome_for_row(
-        work.row,
-        status,
-        item_id=work.item_id,
-        output_uri=_paths(work, output_uri).image,
-        iterations=int(meta.get("iterations", 0)),
-        duration_s=float(meta.get("wall_time_s", 0.0)),
-        device=str(meta.get("device", "")),
-        weights_id=str(meta.get("weights", {}).get("id", work.weights_id)),
-        losses=dict(meta.get("final_losses", {})),
-        style_distance=meta.get("quality", {}).get("style_distance"),
-        content_distance=meta.get("quality", {}).get("content_distance"),
-    )
-
-
-# --- stylising ------------------------------------------------------------------------------
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+log = logging.getLogger(__name__)
 
 
 class DevicePool:
@@ -290,14 +128,7 @@ def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | N
 def _optimise_and_judge(jobs: list[engine.Job], device: torch.device, weights_path: str | None, time_limit_s: float | None) -> list[engine.StyleResult]:
     """Everything a batch computes with PyTorch, run on the device's thread: optimise, judge, convert to RGB."""
     params = jobs[0].params
-    network = load_network(
-        params.weights,
-        pooling=params.pooling,
-        device=device,
-        weights_path=weights_path,
-        weights_sha256=params.weights_sha256,
-        normalize=params.normalize_network,
-    )
+    network = network_for(params, device, weights_path)
     results = engine.stylize_batch(jobs, network=network, cache=STYLE_CACHE, time_limit_s=time_limit_s)
     for job, result in zip(jobs, results, strict=True):
         # Judged by a VGG-19 with other weights than the optimised one (see nst_core.quality).
@@ -344,7 +175,7 @@ def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limi
 def _store(work: Work, output_uri: str, result: engine.StyleResult, owner: str = "") -> Outcome:
     """Write the item's files; ``meta.json`` last, as the mark of a finished item."""
     row, params = work.row, work.row.params
-    paths = _paths(work, output_uri)
+    paths = item_paths(work, output_uri)
     label = f"{row.id}  weights={result.weights_id}"
     storage.write_bytes(paths.image, images.encode(result.to_pil(), params.output_format), items.OUTPUT_CONTENT_TYPES[params.output_format])
     storage.write_bytes(paths.loss_csv, history.to_csv(result.history), "text/csv")
@@ -370,7 +201,7 @@ def _store(work: Work, output_uri: str, result: engine.StyleResult, owner: str =
     return cached_outcome(work, output_uri, meta, status="succeeded")
 
 
-def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, owner: str) -> dict[str, Outcome]:
+def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, owner: str, logger: Logger) -> dict[str, Outcome]:
     """Fetch, optimise (one batch) and store ``works``; an item whose inputs cannot be used fails alone."""
     outcomes: dict[str, Outcome] = {}
     ready: list[tuple[Work, dict[str, Any]]] = []
@@ -403,7 +234,7 @@ def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, own
             # A refused write (permission, quota): meta.json was not written, so the item is not done.
             outcomes[work.item_id] = _failed(work, f"could not store the outputs: {exc}")
             continue
-        get_run_logger().info(
+        logger.info(
             "item %s (row %s) done: %d iterations in %.1f s on %s, %s (batch of %d)",
             work.row.id, work.row.row, result.iterations, result.wall_time_s, result.device, result.precision, len(ready),
         )  # fmt: skip
@@ -412,7 +243,7 @@ def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, own
 
 def _claim(work: Work, output_uri: str, owner: str, ttl_s: float, force: bool) -> lease.Lease | lease.LeaseRecord | Outcome:
     """Take the item's lease; a ``done_elsewhere`` outcome when another run finished it meanwhile."""
-    paths = _paths(work, output_uri)
+    paths = item_paths(work, output_uri)
     got = lease.acquire(paths.folder, owner, ttl_s)
     if isinstance(got, lease.Lease) and not force and (meta := items.read_meta(paths)) is not None:
         got.release()
@@ -421,7 +252,7 @@ def _claim(work: Work, output_uri: str, owner: str, ttl_s: float, force: bool) -
     return got
 
 
-def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: str, patience_s: float) -> None:
+def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: str, patience_s: float, logger: Logger = log) -> None:
     """Free the leases ``owner`` still holds on failed items (their task could not, e.g. storage was down).
 
     Otherwise they would hold up the next run until their TTL passed. Waits up to
@@ -429,18 +260,17 @@ def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: s
     """
     for outcome in outcomes:
         if outcome.status == "failed" and outcome.item_id:
-            folder = items.ItemPaths(output_uri, outcome.item_id).folder
+            folder = ItemPaths(output_uri, outcome.item_id).folder
             try:
                 storage.retry_transient(lambda folder=folder: lease.release_owned(folder, owner), patience_s)
             except storage.StorageError as exc:
-                get_run_logger().warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
+                logger.warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
 
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-@task(name="stylize-items", tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def stylize_items(
     works: list[Work],
     output_uri: str,
@@ -449,10 +279,11 @@ def stylize_items(
     lease_ttl_s: float = lease.DEFAULT_TTL_S,
     lease_wait_s: float = 600.0,
     force: bool = False,
+    logger: Logger = log,
 ) -> list[Outcome]:
     """Stylise a batch of compatible items in one optimisation and store each one's outputs.
 
-    Each item is leased first (:mod:`nst_core.lease`, ``owner`` is the flow
+    Each item is leased first (:mod:`nst_run.lease`, ``owner`` is the flow
     run), so concurrent runs never compute one item twice: an item another
     run holds is waited for up to ``lease_wait_s`` (``done_elsewhere`` when
     its result appears; taken over and computed here when its holder lets
@@ -465,7 +296,7 @@ def stylize_items(
 
         def run_leased(batch: list[Work]) -> None:
             try:
-                outcomes.update(_compute(batch, output_uri, time_limit_s, owner))
+                outcomes.update(_compute(batch, output_uri, time_limit_s, owner, logger))
             finally:
                 for work in batch:
                     if (held := keeper.drop(work.item_id)) is not None:
@@ -504,3 +335,13 @@ def stylize_items(
             error=f"another run ({holder.owner}) is computing this item (lease until {until}); a re-run picks up its result",
         )  # fmt: skip
     return [outcomes[work.item_id] for work in works]
+
+
+def auto_batch_size(work: Work) -> int:
+    """Items of ``work``'s size one batch may hold: 1 without CUDA, else what 70 % of the free GPU memory holds (at most 64)."""
+    if not torch.cuda.is_available() or work.content_size is None:
+        return 1
+    free, _ = torch.cuda.mem_get_info()
+    side = work.row.params.size
+    width, height = images.fitted_size(*work.content_size, side)
+    return int(max(1, min(64, 0.7 * free // estimate_item_bytes(height, width, work.row.params))))

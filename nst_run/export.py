@@ -23,7 +23,7 @@ does the Hub), and ``pandas.read_parquet(dest + "/metadata.parquet")`` gives
 the same table.
 
 With ``only="kept"`` only items whose verdict is ``kept`` (every reviewer's
-latest decision is keep; see :mod:`nst_core.review`) are exported. No Prefect
+latest decision is keep; see :mod:`nst_run.review`) are exported. No Prefect
 here; every URI written is passed through :func:`nst_core.storage.sanitize_uri`.
 """
 
@@ -41,12 +41,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nst_core import storage
-from nst_core.review import Decision, ReviewError, Run, finite_number, latest_per_reviewer, load_decisions, open_run, verdict
+from nst_core.params import EXECUTION_FIELDS
+from nst_run import paths
+from nst_run.results import ReviewError, Run, finite_number, open_run
+from nst_run.review import Decision, latest_per_reviewer, load_decisions, verdict
 
 IMAGES_DIR = "images"
 ONLY_CHOICES = ("kept",)
 MAX_STEM = 80
-_IGNORED_PARAMS = frozenset({"device", "precision", "max_pixels", "progress_every"})  # params.EXECUTION_FIELDS (not imported: params imports torch)
+_IGNORED_PARAMS = EXECUTION_FIELDS  # how an item ran, not what it made: not exported as parameters
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 _LICENCE_WORDS = re.compile(r"licen[cs]e|rights|copyright|attribution|credit|author|source", re.IGNORECASE)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
@@ -178,7 +181,7 @@ def export_dataset(run_uris: list[str], dest_uri: str, *, only: str | None = Non
             if folder is None:
                 return item, None
             try:
-                meta = json.loads(storage.read_bytes(storage.join(folder, "meta.json")))
+                meta = json.loads(storage.read_bytes(storage.join(folder, paths.META_FILE)))
             except storage.ObjectNotFound:
                 return item, None
             return item, meta if isinstance(meta, dict) else None
@@ -200,7 +203,7 @@ def export_dataset(run_uris: list[str], dest_uri: str, *, only: str | None = Non
             if only == "kept" and verdict(decisions) != "kept":
                 result.skipped[f"not kept ({verdict(decisions)})"] += 1
                 continue
-            image = str((meta.get("outputs") or {}).get("image") or "stylized.png")
+            image = str((meta.get("outputs") or {}).get("image") or paths.image_name())
             ext = image.rsplit(".", 1)[-1].lower()
             if "/" in image or ext not in _CONTENT_TYPES:
                 result.skipped["unexpected output file name"] += 1

@@ -10,9 +10,9 @@ everything that determines the output image:
   ``device``, not progress settings),
 * the weights id (``imagenet:IMAGENET1K_V1``, ``random:N`` or the sha256 of
   a weights file),
-* :data:`~nst_core.engine.ENGINE_VERSION`.
+* :data:`~nst_core.version.ENGINE_VERSION`.
 
-Outputs live under ``{output_uri}/items/{item_id}/``; ``meta.json`` is written
+Outputs live under ``{output_uri}/items/{item_id}/`` (names: :mod:`nst_run.paths`); ``meta.json`` is written
 last and is the mark of a finished item. With ``save_every``, snapshots of the
 image as it forms are in ``snapshots/iter-NNNNN.png``, listed in order (paths
 relative to the item folder) under ``meta.json``'s ``snapshots`` key.
@@ -24,16 +24,17 @@ import hashlib
 import json
 import os
 import socket
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nst_core import storage
-from nst_core.engine import ENGINE_VERSION, StyleResult
 from nst_core.params import StyleParams
+from nst_core.version import ENGINE_VERSION
+from nst_run.paths import LOSS_CSV, LOSS_PNG, ItemPaths, image_name
 
-META_FILE = "meta.json"
-SNAPSHOT_FOLDER = "snapshots"
+if TYPE_CHECKING:
+    from nst_core.engine import StyleResult
+
 OUTPUT_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -50,41 +51,6 @@ def item_id(input_sha256: dict[str, str], params: StyleParams, weights_id: str) 
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class ItemPaths:
-    """Where one item's files live."""
-
-    output_uri: str
-    item_id: str
-    image_format: str = "png"
-
-    @property
-    def folder(self) -> str:
-        return storage.join(self.output_uri, "items", self.item_id)
-
-    @property
-    def image(self) -> str:
-        ext = {"jpeg": "jpg"}.get(self.image_format, self.image_format)
-        return storage.join(self.folder, f"stylized.{ext}")
-
-    @property
-    def loss_csv(self) -> str:
-        return storage.join(self.folder, "loss.csv")
-
-    @property
-    def loss_png(self) -> str:
-        return storage.join(self.folder, "loss.png")
-
-    @property
-    def meta(self) -> str:
-        return storage.join(self.folder, META_FILE)
-
-    @staticmethod
-    def snapshot_name(iteration: int) -> str:
-        """A snapshot's path relative to the item folder (as ``meta.json``'s ``snapshots`` lists it)."""
-        return f"{SNAPSHOT_FOLDER}/iter-{iteration:05d}.png"
 
 
 def build_meta(
@@ -120,7 +86,7 @@ def build_meta(
         "stop_reason": result.stop_reason,
         "wall_time_s": round(result.wall_time_s, 4),
         "final_losses": result.final_losses,
-        "outputs": {"image": "stylized." + paths.image.rsplit(".", 1)[-1], "loss_csv": "loss.csv", "loss_png": "loss.png"},
+        "outputs": {"image": image_name(paths.image_format), "loss_csv": LOSS_CSV, "loss_png": LOSS_PNG},
         **(extra or {}),
     }
 

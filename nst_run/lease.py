@@ -39,9 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nst_core import storage
+from nst_run.paths import LEASE_FILE, TAKEOVER_PREFIX
 
-LEASE_FILE = ".lease"
-TAKEOVER_PREFIX = ".lease-takeover-"
 DEFAULT_TTL_S = 300.0
 
 log = logging.getLogger(__name__)

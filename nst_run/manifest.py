@@ -25,7 +25,7 @@ Ids are labels, not paths: any printable text (``../../etc`` included; items
 are stored by ``item_id`` and exports make safe file names), but control,
 bidirectional-override and line-separator characters are refused in ids and
 URIs. Cells are kept as written (formulas such as ``=HYPERLINK(...)``
-included); the results CSV neutralises them (:func:`tasks.results.csv_safe`).
+included); the results CSV neutralises them (:func:`nst_run.results.csv_safe`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from nst_core import storage
 from nst_core.errors import NSTError
-from nst_core.params import StyleInputsError, StyleParams
+from nst_core.params import StyleInputsError, StyleParams, input_role
 
 REQUIRED_COLUMNS = ("content_uri", "style_uri")
 ID_COLUMN = "id"
@@ -56,15 +56,6 @@ MAX_MANIFEST_BYTES = 256 << 20  # refused unread above this (a 100,000-row manif
 _UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ufeff]")
 # "s3:/bucket/key", "s3:bucket/key", "https:/host": a URI with a broken "://", not a local file name.
 _MALFORMED_SCHEME = re.compile(r"^(s3[an]?|file|https?|ftp|gs|gcs|az|abfss?|wasbs?|hdfs):(?!//)", re.IGNORECASE)
-
-
-def input_role(kind: str, index: int) -> str:
-    """The role name of the ``index``-th (0-based) style or style mask: ``style``, ``style_1``, ...
-
-    Roles name the inputs whose sha256 enter ``item_id`` and ``meta.json``'s ``inputs``; the first keeps
-    the plain name, so single-style items keep their ids.
-    """
-    return kind if index == 0 else f"{kind}_{index}"
 
 
 class ManifestError(NSTError):

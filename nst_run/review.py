@@ -1,10 +1,4 @@
-"""Stored runs and the review decisions recorded on them.
-
-A *run* is the folder the flow writes for one manifest run,
-``{output_uri}/runs/{run}/`` (``results.parquet``/``results.csv``,
-``summary.json``); its items live under ``{output_uri}/items/{item_id}/``.
-:func:`open_run` reads one back from any storage address, so the report, the
-review commands and the dataset export work on old runs too.
+"""Review decisions recorded on stored runs (runs are read back by :func:`nst_run.results.open_run`).
 
 Decisions
     A reviewer's decision (``keep`` or ``reject``, optional note) about one
@@ -42,8 +36,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nst_core import storage
-from nst_core.errors import NSTError
-from nst_core.status import DONE_STATUSES  # rows whose item has an output image
+from nst_run import paths
+from nst_run.results import ReviewError, Run, open_run
+from nst_run.status import DONE_STATUSES  # rows whose item has an output image
 
 DECISIONS = ("keep", "reject")
 VERDICTS = ("kept", "rejected", "disputed", "undecided")
@@ -52,150 +47,6 @@ BULK_FORMAT = "nst-review-decisions/1"
 MAX_REVIEWER_LENGTH = 100
 MAX_NOTE_LENGTH = 2000
 
-_HEX = re.compile(r"^[0-9a-f]{6,64}$")
-_FORMULA_QUOTED = re.compile(r"^'[=+\-@\t\r]")
-
-
-class ReviewError(NSTError):
-    """A run, item or decision that cannot be used as given (CLI exit code 2)."""
-
-
-# --------------------------------------------------------------------------- runs
-
-
-def finite_number(value: Any) -> float | None:
-    """A stored value as a finite float, or None (missing, text, NaN, inf): stored metadata is not trusted."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-@dataclass
-class Run:
-    """A stored run read back: where it is, its results rows and summary."""
-
-    folder: str  # {output_uri}/runs/{run}
-    name: str
-    output_root: str | None  # {output_uri}, when the folder sits in a runs/ folder
-    rows: list[dict[str, Any]]  # one per manifest row, from results.parquet (or .csv)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def item_folder(self, item_id: str) -> str | None:
-        if not self.output_root or not _HEX.match(item_id or ""):
-            return None
-        return storage.join(self.output_root, "items", item_id)
-
-    @property
-    def shown_uri(self) -> str:
-        """The run's address fit to be written into files (no credentials)."""
-        return storage.sanitize_uri(self.folder)
-
-    def done_rows(self) -> list[dict[str, Any]]:
-        """Rows whose item has an output image (succeeded or cached)."""
-        return [r for r in self.rows if r.get("status") in DONE_STATUSES and r.get("item_id")]
-
-
-def run_folder(run_uri: str) -> str:
-    """Normalise a run address: no trailing slash; a file inside the run folder names the folder."""
-    uri = str(run_uri).strip()
-    if not uri:
-        raise ReviewError("empty run address")
-    for name in ("report.html", "summary.json", "results.csv", "results.parquet"):
-        if uri.rstrip("/").endswith("/" + name):
-            uri = uri.rstrip("/")[: -len(name) - 1]
-            break
-    stripped = uri.rstrip("/")
-    return stripped or uri
-
-
-def _clean_value(value: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        import pandas as pd
-
-        if value is pd.NA or value is pd.NaT:
-            return None
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            return value.item()
-        except (AttributeError, ValueError):
-            return value
-    return value
-
-
-def _frame_rows(frame: Any, from_csv: bool) -> list[dict[str, Any]]:
-    rows = []
-    for record in frame.to_dict("records"):
-        row = {str(k): _clean_value(v) for k, v in record.items()}
-        if from_csv:
-            for key, value in row.items():
-                if value == "":
-                    row[key] = None
-                elif isinstance(value, str) and _FORMULA_QUOTED.match(value):
-                    row[key] = value[1:]  # undo the CSV-injection guard of tasks/results.py
-            for key in ("loss_total", "loss_content", "loss_style", "loss_tv", "style_distance", "content_distance", "duration_s"):
-                if row.get(key) is not None:
-                    try:
-                        row[key] = float(row[key])
-                    except (TypeError, ValueError):
-                        row[key] = None
-        for key in ("row", "iterations"):
-            if row.get(key) is not None:
-                try:
-                    row[key] = int(float(row[key]))
-                except (TypeError, ValueError):
-                    pass
-        if row.get("id") is not None:
-            row["id"] = str(row["id"])
-        rows.append(row)
-    return rows
-
-
-def open_run(run_uri: str) -> Run:
-    """Read a run folder back (results table and summary). Raises :class:`ReviewError` when it is not one."""
-    import pandas as pd
-
-    folder = run_folder(run_uri)
-    try:
-        data = storage.read_bytes(storage.join(folder, "results.parquet"))
-        rows = _frame_rows(pd.read_parquet(io.BytesIO(data)), from_csv=False)
-    except storage.ObjectNotFound:
-        try:
-            data = storage.read_bytes(storage.join(folder, "results.csv"))
-        except storage.ObjectNotFound:
-            raise ReviewError(_not_a_run_message(folder)) from None
-        rows = _frame_rows(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False), from_csv=True)
-    try:
-        summary = json.loads(storage.read_bytes(storage.join(folder, "summary.json")))
-        if not isinstance(summary, dict):
-            summary = {}
-    except (storage.ObjectNotFound, ValueError):
-        summary = {}
-    head, sep, name = folder.rpartition("/runs/")
-    if sep and name and "/" not in name:
-        root: str | None = head
-    else:
-        root, name = None, folder.rstrip("/").rsplit("/", 1)[-1]
-    return Run(folder=folder, name=str(summary.get("run") or name), output_root=root, rows=rows, summary=summary)
-
-
-def _not_a_run_message(folder: str) -> str:
-    shown = storage.sanitize_uri(folder)
-    try:
-        runs = sorted({u.split("/runs/", 1)[1].split("/", 1)[0] for u in storage.list_prefix(storage.join(folder, "runs") + "/")})
-    except (storage.StorageError, ValueError):
-        runs = []
-    if runs:
-        latest = ", ".join(storage.join(shown, "runs", r) for r in runs[-3:])
-        return f"{shown} is an output folder, not a run; pass one of its runs (latest: {latest})"
-    return f"{shown}: not a run folder (no results.parquet or results.csv in it)"
 
 
 # --------------------------------------------------------------------------- decisions
@@ -268,7 +119,7 @@ def resolve_target(run: Run, target: str) -> tuple[str, tuple[str, ...]]:
     """
     wanted = str(target).strip()
     rows = [r for r in run.rows if r.get("id") == wanted]
-    if not rows and _HEX.match(wanted.lower()):
+    if not rows and paths.ITEM_ID.match(wanted.lower()):
         matches = {r["item_id"] for r in run.rows if r.get("item_id") and str(r["item_id"]).startswith(wanted.lower())}
         if len(matches) > 1:
             raise ReviewError(f"item id prefix {wanted!r} matches {len(matches)} items of run {run.name}; give more digits")
@@ -291,7 +142,7 @@ def _stamp(now: datetime) -> tuple[str, str]:
 
 
 def decisions_prefix(run: Run) -> str:
-    return storage.join(run.folder, "decisions")
+    return paths.decisions_prefix(run.folder)
 
 
 def record_decision(
@@ -315,7 +166,7 @@ def record_decision(
     base = f"{stamp}-{reviewer_slug(reviewer)}"
     for attempt in range(8):
         name = base if attempt == 0 else f"{base}-{secrets.token_hex(4)}"
-        uri = storage.join(decisions_prefix(run), item, name + ".json")
+        uri = paths.decision_file(run.folder, item, name)
         if storage.write_bytes_if_absent(uri, body, "application/json"):
             return Decision(**{**record.__dict__, "uri": storage.sanitize_uri(uri)})
     raise ReviewError(f"could not store a decision for {item} in {run.shown_uri}: names kept colliding")  # pragma: no cover
@@ -348,7 +199,7 @@ def _parse_decision(uri: str, data: bytes) -> Decision | None:
         if not isinstance(obj, dict) or obj.get("decision") not in DECISIONS:
             return None
         item = str(obj.get("item_id") or "")
-        if not _HEX.match(item):
+        if not paths.ITEM_ID.match(item):
             return None
         ids = obj.get("ids") if isinstance(obj.get("ids"), list) else []
         return Decision(

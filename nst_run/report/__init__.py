@@ -46,25 +46,17 @@ from pathlib import Path
 from typing import Any
 
 from nst_core import storage
-from nst_core.status import ALWAYS_SHOWN_STATUSES, DONE_STATUSES, STATUSES
-from nst_core.review import (
-    BULK_FORMAT,
-    VERDICTS,
-    Decision,
-    Run,
-    finite_number,
-    latest_per_reviewer,
-    load_decisions,
-    open_run,
-    verdict,
-)
+from nst_core.params import EXECUTION_FIELDS
+from nst_run import paths
+from nst_run.paths import REPORT_FILE, THUMBS_DIR
+from nst_run.results import Run, finite_number, open_run, run_folder
+from nst_run.review import BULK_FORMAT, VERDICTS, Decision, latest_per_reviewer, load_decisions, verdict
+from nst_run.status import ALWAYS_SHOWN_STATUSES, DONE_STATUSES, STATUSES
 
-REPORT_FILE = "report.html"
-THUMBS_DIR = "thumbs"
 INPUT_THUMB_PX = 240
 OUTPUT_THUMB_PX = 480
 # Parameters that never change an output: not compared, not filtered on.
-_IGNORED_PARAMS = frozenset({"device", "precision", "max_pixels", "progress_every"})  # params.EXECUTION_FIELDS (not imported: params imports torch)
+_IGNORED_PARAMS = EXECUTION_FIELDS
 _CURVE_TERMS = ("total", "content", "style", "tv")
 
 
@@ -165,19 +157,19 @@ class _Thumbs:
         return rel
 
     def output(self, item_id: str, image_uri: str) -> str | None:
-        return self._write(f"out-{item_id[:40]}-{OUTPUT_THUMB_PX}.jpg", image_uri, OUTPUT_THUMB_PX)
+        return self._write(paths.output_thumb_name(item_id, OUTPUT_THUMB_PX), image_uri, OUTPUT_THUMB_PX)
 
     def input(self, sha256: str | None, uri: str | None) -> str | None:
         if not uri:
             return None
         if sha256:
-            return self._write(f"in-{sha256[:40]}-{INPUT_THUMB_PX}.jpg", uri, INPUT_THUMB_PX)
+            return self._write(paths.input_thumb_name(sha256, INPUT_THUMB_PX), uri, INPUT_THUMB_PX)
         try:  # a row without meta.json (failed): hash the file to name its thumbnail
             data = storage.read_bytes(uri)
         except Exception:  # noqa: BLE001
             return None
         digest = storage.sha256_bytes(data)
-        return self._write(f"in-{digest[:40]}-{INPUT_THUMB_PX}.jpg", uri, INPUT_THUMB_PX, data)
+        return self._write(paths.input_thumb_name(digest, INPUT_THUMB_PX), uri, INPUT_THUMB_PX, data)
 
 
 # --------------------------------------------------------------------------- loss curves
@@ -325,7 +317,7 @@ def build_report(run_uri: str, dest_uri: str | None = None, *, workers: int = 8,
         folder = run.item_folder(item)
         if folder is None:
             return item, None, []
-        return item, _read_json(storage.join(folder, "meta.json")), _read_history(storage.join(folder, "loss.csv"))
+        return item, _read_json(storage.join(folder, paths.META_FILE)), _read_history(storage.join(folder, paths.LOSS_CSV))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         loaded = list(pool.map(meta_of, items))
@@ -344,7 +336,7 @@ def build_report(run_uri: str, dest_uri: str | None = None, *, workers: int = 8,
                 info = inputs.get(role) or {}
                 found[role] = thumbs.input(info.get("sha256"), info.get("uri"))
             folder = run.item_folder(item)
-            image = (meta.get("outputs") or {}).get("image") or "stylized.png"
+            image = (meta.get("outputs") or {}).get("image") or paths.image_name()
             if folder and "/" not in image and image not in (".", ".."):
                 found["output"] = thumbs.output(item, storage.join(folder, image))
         elif row.get("status") != "invalid":
@@ -366,8 +358,6 @@ def download_report(run_uri: str, local_dir: str | os.PathLike[str], *, workers:
 
     Thumbnails already there (same content-addressed name) are not fetched again.
     """
-    from nst_core.review import run_folder
-
     folder = run_folder(run_uri)
     local = Path(local_dir).expanduser()
     (local / THUMBS_DIR).mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nst_core import lease, storage
-from nst_core.items import META_FILE
+from nst_core import storage
+from nst_run import lease, paths
+from nst_run.paths import META_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 ITEM_FILES = ("stylized.png", "loss.csv", "loss.png", META_FILE)
@@ -167,7 +168,7 @@ def test_s3_outage_past_the_retry_budget_fails_items_and_a_rerun_completes_them(
         assert "try again later" in rows[i]["error"], rows[i]["error"]  # the storage error, as transient
     done_before = _assert_no_item_done_without_its_files(output)
     # The run released the leases its failed tasks could not (S3 was down then), so a re-run need not wait.
-    assert not [n for names in _item_folders(output).values() for n in names if n == lease.LEASE_FILE]
+    assert not [n for names in _item_folders(output).values() for n in names if n == paths.LEASE_FILE]
 
     state, summary = _run(manifest, output, retries=0, lease_wait_s=0.0)
     assert state.is_completed(), state.message
@@ -199,7 +200,7 @@ def test_a_killed_worker_leaves_no_item_half_done_and_a_rerun_finishes_exactly_t
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             folders = _item_folders(output)
-            busy = [i for i, names in folders.items() if lease.LEASE_FILE in names and META_FILE not in names]
+            busy = [i for i, names in folders.items() if paths.LEASE_FILE in names and META_FILE not in names]
             if busy and sum(META_FILE in names for names in folders.values()) >= 2:
                 break
             assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
@@ -225,13 +226,13 @@ def test_a_killed_worker_leaves_no_item_half_done_and_a_rerun_finishes_exactly_t
     assert len(_assert_no_item_done_without_its_files(output)) == 4
     for item, before in metas.items():  # finished items were not redone
         assert storage.read_bytes(storage.join(output, "items", item, META_FILE)) == before
-    assert not [n for names in _item_folders(output).values() for n in names if n.startswith(lease.LEASE_FILE)]
+    assert not [n for names in _item_folders(output).values() for n in names if n.startswith(paths.LEASE_FILE)]
 
 
 def test_a_write_refused_part_way_fails_the_item_and_leaves_nothing_that_looks_finished(prefect_server, tmp_path, sample_images):
     # A directory where loss.png must go: the filesystem refuses that write after stylized.png and
     # loss.csv were written (as a permission or quota error would, which root does not get here).
-    from nst_core.items import ItemPaths
+    from nst_run.items import ItemPaths
 
     manifest = tmp_path / "m.csv"
     samples = {n: str(sample_images / n) for n in ("tubingen.jpg", "hoovertowernight.jpg", "starry_night.jpg", "shipwreck.jpg")}
@@ -242,11 +243,11 @@ def test_a_write_refused_part_way_fails_the_item_and_leaves_nothing_that_looks_f
     )
     output = tmp_path / "out"
     options = {"defaults": _defaults().with_overrides(iterations=3), "allow_local_paths": True, "retries": 0}
-    from tasks.stylize import resolve_items
-    from nst_core.manifest import load_manifest
+    from nst_run.planning import resolve_items
+    from nst_run.manifest import load_manifest
 
     rows = load_manifest(str(manifest), defaults=options["defaults"], allow_local_paths=True).rows
-    blocked = resolve_items.fn(rows[:1], str(output), False)[0]
+    blocked = resolve_items(rows[:1], str(output), False)[0]
     (Path(ItemPaths(str(output), blocked.item_id).loss_png)).mkdir(parents=True)
 
     state, summary = _run(str(manifest), str(output), **options)
@@ -258,7 +259,7 @@ def test_a_write_refused_part_way_fails_the_item_and_leaves_nothing_that_looks_f
     folder = output / "items" / blocked.item_id
     assert not (folder / META_FILE).exists()  # not done, so a re-run redoes it
     assert not [p for p in folder.rglob("*") if ".tmp" in p.name]  # no temporary leftovers
-    assert not (folder / lease.LEASE_FILE).exists()
+    assert not (folder / paths.LEASE_FILE).exists()
 
 
 def test_two_runs_of_one_manifest_at_once_compute_each_item_once(s3_samples):
@@ -319,7 +320,7 @@ def test_an_out_of_memory_batch_is_halved_once_then_the_item_fails_alone(prefect
     # any batch holding the item marked "huge", as CUDA would; everything else runs the real engine.
     import torch
 
-    import tasks.stylize as task_module
+    import nst_run.execute as task_module
 
     original = task_module.engine.stylize_batch
     seen: list[int] = []

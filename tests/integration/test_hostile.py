@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from helpers import sample_image
 from nst_core import images, storage
 from nst_core.errors import ImageError
-from nst_core.manifest import ManifestError, load_manifest, parse_manifest
+from nst_run.manifest import ManifestError, load_manifest, parse_manifest
 from nst_core.params import StyleParams
 
 TINY = StyleParams(size=32, iterations=2, weights="random:0", progress_every=1)

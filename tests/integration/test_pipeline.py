@@ -23,7 +23,7 @@ class EngineSpy:
     """Counts the items the tasks hand to the real engine (the engine still runs)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        import tasks.stylize as task_module
+        import nst_run.execute as task_module
 
         self.calls = 0
         self._lock = threading.Lock()

@@ -152,7 +152,7 @@ def test_report_in_headless_chromium(local_run, tmp_path):
 
 def test_nst_report_rebuilds_from_stored_metadata(local_run, tmp_path, capsys):
     from nst_cli.main import main
-    from nst_core import review
+    from nst_run import review
 
     # A copy of the whole output folder, report and thumbnails removed: as an old run would be.
     out = tmp_path / "out"
@@ -220,6 +220,7 @@ def test_s3_run_report_copied_locally_review_and_export(prefect_server, s3_bucke
 
 def test_report_and_export_ignore_exactly_the_execution_parameters():
     """report.py and export.py keep their own copy (importing params would import torch); this keeps them true."""
-    from nst_core import export, params, report
+    from nst_core import params
+    from nst_run import export, report
 
     assert report._IGNORED_PARAMS == export._IGNORED_PARAMS == params.EXECUTION_FIELDS

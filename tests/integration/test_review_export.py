@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nst_core import review
+from nst_run import results, review
 from nst_core.params import StyleParams
 
 TINY = StyleParams(size=32, iterations=4, weights="random:0", progress_every=2)
@@ -72,7 +72,7 @@ def out(two_runs, tmp_path) -> Path:
 
 
 def test_two_reviewers_decisions_both_survive(two_runs, out):
-    from nst_core.report import build_report
+    from nst_run.report import build_report
 
     run = str(out / "runs" / two_runs[1])
     same_moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -92,7 +92,7 @@ def test_two_reviewers_decisions_both_survive(two_runs, out):
     for t in threads:
         t.join()
     decisions = review.load_decisions(run)
-    assert len(decisions[alice.item_id]) == 3 and len(decisions[review.resolve_target(review.open_run(run), "c")[0]]) == 8
+    assert len(decisions[alice.item_id]) == 3 and len(decisions[review.resolve_target(results.open_run(run), "c")[0]]) == 8
     assert review.verdict(decisions[alice.item_id]) == "disputed"
     latest = review.latest_per_reviewer(decisions[alice.item_id])
     assert {d.reviewer: d.decision for d in latest} == {"Alice": "keep", "Bob": "reject"}
@@ -180,7 +180,7 @@ def test_export_round_trip_only_kept(two_runs, out, tmp_path, capsys):
 
 
 def test_two_runs_of_the_same_items_export_each_image_once(two_runs, out, tmp_path):
-    from nst_core.export import export_dataset
+    from nst_run.export import export_dataset
 
     runs = [str(out / "runs" / name) for name in two_runs[1:]]
     dest = tmp_path / "both"
@@ -201,7 +201,7 @@ def test_two_runs_of_the_same_items_export_each_image_once(two_runs, out, tmp_pa
 
 
 def test_hostile_ids_make_safe_file_names():
-    from nst_core.export import image_file_name, safe_stem
+    from nst_run.export import image_file_name, safe_stem
 
     item = "ab" * 32
     for raw in ("../../x", "/etc/passwd", "..", ".", "", "CON", "a\\b", "é<script>", "x" * 500, "\u202etxt.exe"):

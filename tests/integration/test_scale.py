@@ -112,12 +112,12 @@ def test_chunking_bounds_tasks_in_flight(prefect_server, sample_images, tmp_path
 
 
 def test_device_work_runs_on_the_devices_own_thread():
-    """All PyTorch work on a device runs on one long-lived thread (tasks.stylize.DevicePool), whatever
+    """All PyTorch work on a device runs on one long-lived thread (nst_run.execute.DevicePool), whatever
     task thread asks: many OpenMP teams on a small CPU slowed the optimisation by a quarter."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.stylize import DevicePool
+    from nst_run.execute import DevicePool
 
     pool = DevicePool()
 

@@ -19,11 +19,13 @@ from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from helpers import sample_image
-from nst_core import color, engine, images, items
+from nst_core import color, engine, images
+from nst_run import items
 from nst_core.errors import ImageError
 from nst_core.losses import guided_gram, layer_mask, mean_gram
-from nst_core.manifest import parse_manifest
-from nst_core.network import LAYER_NAMES, MEAN_FLOOR, calibration_images, channel_means, load_network
+from nst_run.manifest import parse_manifest
+from nst_core.layers import LAYER_NAMES
+from nst_core.network import MEAN_FLOOR, calibration_images, channel_means, load_network
 from nst_core.params import StyleInputsError, StyleParams
 
 WEIGHTS = "random:0"
@@ -276,7 +278,8 @@ def test_cli_writes_snapshots_beside_the_output(tmp_path, tubingen, capsys):
 
 
 def test_task_path_hashes_every_style_and_mask_and_stores_snapshots(tmp_path, tubingen, starry, shipwreck, capsys):
-    from tasks.stylize import _fetch_images, _job, _store, resolve_items
+    from nst_run.execute import _fetch_images, _job, _store
+    from nst_run.planning import resolve_items
 
     left, right = half_masks(tubingen)
     left.save(tmp_path / "left.png")
@@ -295,7 +298,7 @@ def test_task_path_hashes_every_style_and_mask_and_stores_snapshots(tmp_path, tu
     manifest = parse_manifest(csv.encode(), defaults=defaults, base_dir=str(tmp_path))
     assert not manifest.invalid, manifest.invalid
     assert list(manifest.rows[0].input_uris()) == ["content", "style", "style_1", "style_mask", "style_mask_1"]
-    works = resolve_items.fn(manifest.rows, str(tmp_path / "out"), force=False)
+    works = resolve_items(manifest.rows, str(tmp_path / "out"), force=False)
     assert works[0].item_id == works[1].item_id  # masks enter by their bytes; save_every does not enter
     assert len({works[0].item_id, works[2].item_id, works[3].item_id}) == 3
     work = works[0]

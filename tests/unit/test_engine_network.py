@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nst_core import network
+from nst_core import layers, network, weights
 from nst_core.errors import WeightsError
 
 # torchvision's VGG-19 ("E") configuration, written out independently of nst_core.
@@ -57,7 +57,7 @@ def suggests_an_unsafe_load(message: str) -> bool:
 
 
 def conv_names() -> list[str]:
-    return [n for n in network.LAYER_NAMES if n.startswith("conv")]
+    return [n for n in layers.LAYER_NAMES if n.startswith("conv")]
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def assert_loaded(net: network.Network, state: dict[str, torch.Tensor], prefix: 
 
 
 def test_every_layer_is_addressable_by_name(vgg_max):
-    names = network.LAYER_NAMES
+    names = layers.LAYER_NAMES
     assert len(names) == 37 and len(set(names)) == 37
     assert names[:5] == ("conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1")
     assert names[-3:] == ("conv5_4", "relu5_4", "pool5")
@@ -127,15 +127,15 @@ def test_unknown_layer_is_refused(vgg):
     with pytest.raises(KeyError, match="relu9_9"):
         net.features(torch.rand(1, 3, 16, 16), ["relu9_9"])
     with pytest.raises(KeyError):
-        network.layer_index("conv0_1")
+        layers.layer_index("conv0_1")
 
 
 def test_min_image_side_follows_the_poolings():
-    assert network.min_image_side(["relu1_1"]) == 1
-    assert network.min_image_side(["relu2_1"]) == 2
-    assert network.min_image_side(["relu3_1", "relu1_1"]) == 4
-    assert network.min_image_side(["relu5_1"]) == 16
-    assert network.min_image_side(["pool5"]) == 32
+    assert layers.min_image_side(["relu1_1"]) == 1
+    assert layers.min_image_side(["relu2_1"]) == 2
+    assert layers.min_image_side(["relu3_1", "relu1_1"]) == 4
+    assert layers.min_image_side(["relu5_1"]) == 16
+    assert layers.min_image_side(["pool5"]) == 32
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ def test_forward_stops_after_the_deepest_requested_layer(vgg, wanted, deepest):
         for h in handles:
             h.remove()
     assert set(out) == set(wanted)
-    assert called == list(network.LAYER_NAMES[: network.layer_index(deepest) + 1])
+    assert called == list(layers.LAYER_NAMES[: layers.layer_index(deepest) + 1])
 
 
 def test_avg_and_max_pooling_share_weights_and_differ_in_pooling(vgg, vgg_max):
@@ -254,7 +254,7 @@ def test_random_weights_are_seeded_and_labelled(fresh_cache):
 @pytest.mark.parametrize("text", ["random:", "random:x", "random:-1", ""])
 def test_bad_weights_names_are_refused(text):
     with pytest.raises(ValueError):
-        network.WeightsSpec.parse(text)
+        weights.WeightsSpec.parse(text)
 
 
 # --- imagenet through torchvision's loader and cache ------------------------------------------
