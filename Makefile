@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install demo test test-fast bench clean up down status
+.PHONY: install demo lint test test-fast bench clean up down status
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -31,7 +31,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/nst demo
 
-test: install
+# Lint first (ruff: pyproject's [tool.ruff]; mypy: [tool.mypy]), then the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install lint
 	$(BIN)/pytest
 
 test-fast: install

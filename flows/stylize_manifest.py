@@ -15,11 +15,11 @@ import time
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.hooks import describe_parameters, notify_failure

@@ -14,9 +14,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, add_style_flags, build_params, style_overrides
+from pydantic import ValidationError
+
+from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, add_style_flags, build_params, format_validation_error, style_overrides
 
 
 def _sibling(out: str, suffix: str) -> str:

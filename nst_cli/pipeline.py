@@ -105,8 +105,8 @@ def _run_flow(
 ) -> tuple[int, dict[str, Any] | None]:
     _quiet_prefect_env()
     from flows.stylize_manifest import stylize_manifest
-    from nst_run.manifest import ManifestError
     from nst_core.storage import StorageError
+    from nst_run.manifest import ManifestError
 
     parameters = dict(
         manifest_uri=manifest, output_uri=output, defaults=defaults, strict=strict, force=force,

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from nst_cli.common import EXIT_FAILED, EXIT_OK, UsageError
+from nst_cli.common import EXIT_OK, UsageError
 
 
 def default_local_dir(run_uri: str) -> Path:

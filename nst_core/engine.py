@@ -33,12 +33,12 @@ from torch import Tensor
 
 from nst_core import color, images
 from nst_core.errors import ImageError
-from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
 from nst_core.layers import min_image_side
+from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
 from nst_core.network import Network, load_network, resolve_device, resolve_precision
 from nst_core.optim import LBFGS_HISTORY, make_optimizer
 from nst_core.params import StyleInputsError, StyleParams, input_role
-from nst_core.version import ENGINE_VERSION
+
 
 class TimeLimitExceeded(RuntimeError):
     """The optimisation ran past its ``time_limit_s``."""

@@ -313,7 +313,7 @@ def normalize_trunk(trunk: nn.Sequential, images: Tensor, mean: tuple[float, ...
     return means
 
 
-def channel_means(features: "VGGFeatures", images: Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
+def channel_means(features: VGGFeatures, images: Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
     """Mean activation of every channel of ``layers`` over ``images`` and positions (for checks)."""
     with torch.no_grad():
         feats = features(images.to(features.mean.device), layers)

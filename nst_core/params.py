@@ -358,6 +358,6 @@ class StyleParams(BaseModel):
             if k not in NON_OUTPUT_FIELDS and not (k in IDENTITY_WHEN_SET and v == IDENTITY_WHEN_SET[k])
         }
 
-    def with_overrides(self, **changes: Any) -> "StyleParams":
+    def with_overrides(self, **changes: Any) -> StyleParams:
         """A validated copy with some fields changed (``model_copy`` does not validate)."""
         return type(self).model_validate({**self.model_dump(), **changes})

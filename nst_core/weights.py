@@ -20,7 +20,7 @@ class WeightsSpec:
     path: str | None = None
 
     @staticmethod
-    def parse(text: str) -> "WeightsSpec":
+    def parse(text: str) -> WeightsSpec:
         text = text.strip()
         if text == "imagenet":
             return WeightsSpec("imagenet")

@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 import torch
 
 from nst_core import engine, history, images, quality, storage
-from nst_core.errors import NSTError
 from nst_core.engine import estimate_item_bytes, network_for
+from nst_core.errors import NSTError
 from nst_core.network import resolve_device
 from nst_run import items, lease
 from nst_run.paths import ItemPaths
@@ -167,7 +167,7 @@ def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limi
     for part in (batch[:half], batch[half:]):
         done = _run_unless_oom(part, time_limit_s)
         if done is None and len(part) > 1:
-            done = [r for single in part for r in (_run_unless_oom([single], time_limit_s) or ["out_of_memory"])]
+            done = [r for single in part for r in (_run_unless_oom([single], time_limit_s) or ["out_of_memory"])]  # type: ignore[list-item]
         out += done if done is not None else ["out_of_memory"]
     return out
 
@@ -262,7 +262,7 @@ def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: s
         if outcome.status == "failed" and outcome.item_id:
             folder = ItemPaths(output_uri, outcome.item_id).folder
             try:
-                storage.retry_transient(lambda folder=folder: lease.release_owned(folder, owner), patience_s)
+                storage.retry_transient(lambda folder=folder: lease.release_owned(folder, owner), patience_s)  # type: ignore[misc]
             except storage.StorageError as exc:
                 logger.warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
 

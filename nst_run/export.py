@@ -115,7 +115,7 @@ def _record(run: Run, row: dict[str, Any], meta: dict[str, Any], file_name: str,
         "decision": verdict(decisions),
         "content_uri": storage.sanitize_uri((inputs.get("content") or {}).get("uri") or row.get("content_uri") or ""),
         "style_uri": storage.sanitize_uri((inputs.get("style") or {}).get("uri") or row.get("style_uri") or ""),
-        "init_uri": storage.sanitize_uri((inputs.get("init") or {}).get("uri")) if inputs.get("init") else None,
+        "init_uri": storage.sanitize_uri((inputs.get("init") or {}).get("uri")) if inputs.get("init") else None,  # type: ignore[arg-type]
         "content_sha256": (inputs.get("content") or {}).get("sha256"),
         "style_sha256": (inputs.get("style") or {}).get("sha256"),
         "weights_id": weights.get("id") or row.get("weights_id"),

@@ -289,7 +289,7 @@ def parse_manifest(
         row_id = (record.get(ID_COLUMN) or "").strip() or str(number)
 
         def refuse(column: str, reason: str) -> None:
-            invalid.append(InvalidRow(number, row_id, column, reason, meta))
+            invalid.append(InvalidRow(number, row_id, column, reason, meta))  # noqa: B023 - called in this iteration only
 
         if "__bad__" in record:
             refuse("*", record["__bad__"])

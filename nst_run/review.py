@@ -23,15 +23,13 @@ that is stored or shown goes through :func:`nst_core.storage.sanitize_uri`.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import re
 import secrets
 import unicodedata
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -201,7 +199,7 @@ def _parse_decision(uri: str, data: bytes) -> Decision | None:
         item = str(obj.get("item_id") or "")
         if not paths.ITEM_ID.match(item):
             return None
-        ids = obj.get("ids") if isinstance(obj.get("ids"), list) else []
+        ids = obj["ids"] if isinstance(obj.get("ids"), list) else []
         return Decision(
             item_id=item,
             decision=obj["decision"],

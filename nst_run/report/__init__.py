@@ -393,8 +393,8 @@ def render_page(
     builtin = _builtin_defaults()
     # Parameters with more than one value in this run: shown on every card, filterable, sortable.
     values_of: dict[str, Counter[str]] = {}
-    for meta in metas.values():
-        for name, value in (meta.get("params") or {}).items():
+    for stored in metas.values():
+        for name, value in (stored.get("params") or {}).items():
             if name not in _IGNORED_PARAMS:
                 values_of.setdefault(name, Counter())[_canon(value)] += 1
     varying = sorted(name for name, counts in values_of.items() if len(counts) > 1)

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import sample_image
 from PIL import Image
 
-from helpers import sample_image
 from nst_cli.main import main
 from nst_core.params import DEFAULT_STYLE_LAYERS
 

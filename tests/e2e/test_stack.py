@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -308,7 +308,7 @@ def test_scheduled_deployment_has_its_cron_and_parameters(stack: StackHandle) ->
     assert runs, f"no scheduled runs; server log:\n{_tail(stack.root / 'logs' / 'prefect-server.log')}"
     assert all(r["parameters"]["manifest_uri"] == "s3://nst/manifests/samples.csv" for r in runs)
     for r in runs:
-        start = datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00")).astimezone(timezone.utc)
+        start = datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00")).astimezone(UTC)
         assert (start.hour, start.minute) == (2, 0), r["expected_start_time"]
 
 

@@ -243,8 +243,8 @@ def test_a_write_refused_part_way_fails_the_item_and_leaves_nothing_that_looks_f
     )
     output = tmp_path / "out"
     options = {"defaults": _defaults().with_overrides(iterations=3), "allow_local_paths": True, "retries": 0}
-    from nst_run.planning import resolve_items
     from nst_run.manifest import load_manifest
+    from nst_run.planning import resolve_items
 
     rows = load_manifest(str(manifest), defaults=options["defaults"], allow_local_paths=True).rows
     blocked = resolve_items(rows[:1], str(output), False)[0]

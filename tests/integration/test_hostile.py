@@ -30,14 +30,14 @@ import zlib
 
 import pandas as pd
 import pytest
+from helpers import sample_image
 from PIL import Image, PngImagePlugin
 from pydantic import ValidationError
 
-from helpers import sample_image
 from nst_core import images, storage
 from nst_core.errors import ImageError
-from nst_run.manifest import ManifestError, load_manifest, parse_manifest
 from nst_core.params import StyleParams
+from nst_run.manifest import ManifestError, load_manifest, parse_manifest
 
 TINY = StyleParams(size=32, iterations=2, weights="random:0", progress_every=1)
 FAST = {"retries": 1, "retry_delay_s": 0.2}

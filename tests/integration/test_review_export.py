@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nst_run import results, review
 from nst_core.params import StyleParams
+from nst_run import results, review
 
 TINY = StyleParams(size=32, iterations=4, weights="random:0", progress_every=2)
 HOSTILE_ID = "../../etc/<b>passwd</b>"

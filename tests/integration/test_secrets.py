@@ -121,8 +121,9 @@ def verbose_prefect_logs() -> Iterator[None]:
 
 
 def run_flow(**kwargs):
-    from flows.stylize_manifest import stylize_manifest
     from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    from flows.stylize_manifest import stylize_manifest
 
     with temporary_settings(updates={PREFECT_API_AUTH_STRING: AUTH_STRING}), verbose_prefect_logs():
         state = stylize_manifest(**{**FAST, "defaults": TINY, **kwargs}, return_state=True)

@@ -15,18 +15,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import sample_image
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
-from helpers import sample_image
 from nst_core import color, engine, images
-from nst_run import items
 from nst_core.errors import ImageError
-from nst_core.losses import guided_gram, layer_mask, mean_gram
-from nst_run.manifest import parse_manifest
 from nst_core.layers import LAYER_NAMES
+from nst_core.losses import guided_gram, layer_mask, mean_gram
 from nst_core.network import MEAN_FLOOR, calibration_images, channel_means, load_network
 from nst_core.params import StyleInputsError, StyleParams
+from nst_run import items
+from nst_run.manifest import parse_manifest
 
 WEIGHTS = "random:0"
 SMALL = StyleParams(size=32, iterations=6, weights=WEIGHTS, device="cpu", tolerance=0)

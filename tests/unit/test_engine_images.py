@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import sample_image
 from PIL import Image
 
-from helpers import sample_image
 from nst_core import engine, images
 from nst_core.errors import ImageError, NSTError
 from nst_core.params import StyleParams

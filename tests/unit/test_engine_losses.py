@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import sample_image
+
 from nst_core import losses
 from nst_core.losses import GatysLoss, LossWeights
 

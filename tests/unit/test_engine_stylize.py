@@ -18,8 +18,8 @@ import copy
 
 import pytest
 import torch
-
 from helpers import psnr, sample_image, stacked_targets
+
 from nst_core import IterationInfo, engine, images, quality, stylize
 from nst_core.network import Network, resolve_precision
 from nst_core.params import DEFAULT_STYLE_LAYERS, StyleParams
