@@ -1,7 +1,7 @@
 """``nst serve``: the deployments of ``stylize_manifest``, through Prefect's own deployment API.
 
 Two deployments, declared here and, identically, in ``infra/prefect.yaml``
-(``tests/test_stack.py`` checks that the two agree):
+(``tests/e2e/test_stack.py`` checks that the two agree):
 
 ``stylize_manifest/adhoc``
     for runs started by hand: the UI's custom-run form, ``prefect deployment

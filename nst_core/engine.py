@@ -270,7 +270,7 @@ def optimise(
     32 px: 3e-7 relative at the first iteration, 1.5e-3 after 15), so a
     batched item is not its lone run to the pixel after many iterations; the
     tests compare each iteration's total loss within 0.2 % over the first few
-    (``tests/test_engine_stylize.py``). Raises :class:`TimeLimitExceeded` past
+    (``tests/unit/test_engine_stylize.py``). Raises :class:`TimeLimitExceeded` past
     ``time_limit_s`` seconds.
     """
     start = time.perf_counter()

@@ -167,7 +167,7 @@ def test_imagenet_weights_offline_exit_2_naming_the_ways_out(tmp_path, pair, cap
 
 
 def test_stylize_says_when_the_divergence_guard_fired(tmp_path, pair, capsys):
-    """A step of 3 diverges at 32 px (tests/test_engine_stylize.py); the run says so and still ends well."""
+    """A step of 3 diverges at 32 px (tests/unit/test_engine_stylize.py); the run says so and still ends well."""
     out = tmp_path / "out.png"
     argv = ["stylize", *pair, "-o", str(out), *FAST[:2], "--iterations", "16", "--lr", "3", "--tolerance", "0", *FAST[4:]]
     code, stdout, err = run(argv, capsys)

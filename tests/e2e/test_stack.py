@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "test-output"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -22,7 +22,7 @@ from nst_core import storage
 from nst_run import lease, paths
 from nst_run.paths import META_FILE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ITEM_FILES = ("stylized.png", "loss.csv", "loss.png", META_FILE)
 
 # Item durations differ on purpose: the first item finishes quickly, the others are still

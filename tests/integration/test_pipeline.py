@@ -145,7 +145,7 @@ def test_rerun_is_cached_force_redoes_duplicates_compute_once(prefect_server, s3
 
 
 def test_bad_manifest_rows_reported_good_rows_done(prefect_server, tmp_path, monkeypatch):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     spy = EngineSpy(monkeypatch)
     state, summary = run_flow(manifest_uri=str(repo / "manifests" / "bad.csv"), output_uri=str(tmp_path), allow_local_paths=True)
     assert state.is_failed()  # two rows failed
@@ -168,7 +168,7 @@ def test_bad_manifest_rows_reported_good_rows_done(prefect_server, tmp_path, mon
 
 
 def test_strict_fails_before_any_work(prefect_server, tmp_path, monkeypatch):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     spy = EngineSpy(monkeypatch)
     state, error = run_flow(manifest_uri=str(repo / "manifests" / "bad.csv"), output_uri=str(tmp_path), allow_local_paths=True, strict=True)
     assert state.is_failed()
@@ -178,7 +178,7 @@ def test_strict_fails_before_any_work(prefect_server, tmp_path, monkeypatch):
 
 
 def test_local_paths_refused_unless_allowed(prefect_server, tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     state, error = run_flow(manifest_uri=str(repo / "manifests" / "samples.csv"), output_uri=str(tmp_path))
     assert state.is_failed() and "allow_local_paths" in str(error)
 
@@ -223,7 +223,7 @@ def test_wrong_credentials_clear_error_without_secret(prefect_server, s3_inputs,
 def test_cli_run_and_validate_exit_codes(prefect_server, tmp_path, capsys):
     from nst_cli.main import main
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     bad = str(repo / "manifests" / "bad.csv")
     assert main(["validate", bad]) == 1
     out = capsys.readouterr().out

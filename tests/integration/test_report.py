@@ -20,7 +20,7 @@ from nst_core.params import StyleParams
 
 TINY = StyleParams(size=32, iterations=4, weights="random:0", progress_every=2)
 FAST = {"retries": 0, "retry_delay_s": 0.1}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -219,7 +219,7 @@ def test_s3_run_report_copied_locally_review_and_export(prefect_server, s3_bucke
 
 
 def test_report_and_export_ignore_exactly_the_execution_parameters():
-    """report.py and export.py keep their own copy (importing params would import torch); this keeps them true."""
+    """The report and the export ignore params.EXECUTION_FIELDS (params imports no torch, so both import it)."""
     from nst_core import params
     from nst_run import export, report
 

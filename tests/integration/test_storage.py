@@ -23,7 +23,7 @@ from nst_core.storage import (
     UnsupportedUri,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tmp_files(root: Path) -> list[Path]:
