@@ -176,9 +176,12 @@ def chunks(seq: list[Any], size: int) -> list[list[Any]]:
 def plan_batches(works: list[Work], batch_size: int, auto_size: Callable[[Work], int] = lambda work: 1) -> list[list[Work]]:
     """Group compatible items (same parameters, same size at every stage) into batches of at most ``batch_size``.
 
-    ``batch_size=0`` picks one per group with ``auto_size`` (the flow passes
-    :func:`nst_run.execute.auto_batch_size`: 1 on a CPU-only machine, as batching does not
-    speed up a compute-bound CPU, else what the first GPU's free memory holds).
+    Args:
+        works: distinct items (one per item id).
+        batch_size: the most items per batch; 0 picks one per group with ``auto_size``.
+        auto_size: a group's batch size from its first item (default 1: no batching). The flow
+            passes :func:`nst_run.execute.auto_batch_size`: 1 on a CPU-only machine, as batching
+            does not speed up a compute-bound CPU, else what the first GPU's free memory holds.
     """
     groups: dict[tuple[object, ...], list[Work]] = {}
     for work in works:

@@ -97,7 +97,8 @@ def test_compatible_items_share_a_batch_and_match_alone(prefect_server, sample_i
 
 
 def test_chunking_bounds_tasks_in_flight(prefect_server, sample_images, tmp_path):
-    from flows.stylize_manifest import plan_batches, stylize_manifest
+    from flows.stylize_manifest import stylize_manifest
+    from nst_run.planning import plan_batches
 
     assert plan_batches([], 4) == []
     manifest = write_manifest(tmp_path / "m.csv", sample_images, rows=5)
