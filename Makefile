@@ -1,10 +1,14 @@
 # One-command set-up on a fresh machine: `make demo` runs the main job, `make test` the tests.
-# Everything (the virtualenv, PyTorch, Prefect, the SeaweedFS binary) is installed from here.
+# Everything (the virtualenv, PyTorch, Prefect, the SeaweedFS binary) is installed from here, at the
+# versions in constraints.txt (the ones the suite passed with; `make constraints` rewrites it).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/pip install --quiet -c constraints.txt
+# What the demo needs (the package alone), and what the tests need on top (extras, a browser).
+STAMP_RUN  := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
 # Browser tests drive Debian's Chromium (never a downloaded browser build).
 CHROMIUM := /usr/bin/chromium
 
@@ -13,37 +17,50 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install demo lint test test-fast bench clean up down status
+.PHONY: install install-test demo lint test test-fast bench constraints clean up down status
 
-install: $(STAMP) $(CHROMIUM)
+install: $(STAMP_RUN)
+
+install-test: $(STAMP_TEST) $(CHROMIUM)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch/torchvision are pinned in pyproject.toml; pip takes them from local disk here.
+$(STAMP_RUN): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) -e '.[test,dask,stack]'
+	touch $@ $(STAMP_RUN)
 
 $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch/torchvision are pinned in pyproject.toml; pip takes them from local disk here.
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
-
 demo: install
 	$(BIN)/nst demo
 
 # Lint first (ruff: pyproject's [tool.ruff]; mypy: [tool.mypy]), then the tests.
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install lint
+test: install-test lint
 	$(BIN)/pytest
 
-test-fast: install
+test-fast: install-test
 	$(BIN)/pytest -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/engine.py
+
+# Rewrite constraints.txt from the test environment (after changing a range in pyproject.toml).
+constraints: install-test
+	{ echo '# The versions the suite passed with (make constraints, from the test environment); make installs with -c.'; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^nst-bulk'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache nst-demo-output test-output
@@ -52,7 +69,7 @@ clean:
 # samples, a process work pool with one worker, the deployments of infra/prefect.yaml. Data in $(STACK_DIR)/.
 STACK_DIR ?= .stack
 
-up: $(STAMP)
+up: $(STAMP_TEST)
 	$(BIN)/python -m infra.stack up --dir $(STACK_DIR)
 
 down:

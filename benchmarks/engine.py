@@ -49,6 +49,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import nst_samples  # noqa: E402
 from nst_core import engine as nst_engine  # noqa: E402
 from nst_core import images, quality, stylize  # noqa: E402
 from nst_core.network import load_network, resolve_device, resolve_precision  # noqa: E402
@@ -65,8 +66,8 @@ PEAK_BF16_TFLOPS = {
 
 
 def sample_images() -> tuple[Image.Image, Image.Image, str]:
-    """tubingen.jpg and starry_night.jpg from the shared samples, or seeded noise images."""
-    folder = Path(os.environ.get("NST_SAMPLE_IMAGES") or REPO.parent / "shared" / "data" / "images")
+    """tubingen.jpg and starry_night.jpg from the sample images (nst_samples), or seeded noise images."""
+    folder = nst_samples.folder()
     content, style = folder / "tubingen.jpg", folder / "starry_night.jpg"
     if content.is_file() and style.is_file():
         return images.load_image(content), images.load_image(style), f"{content.name} x {style.name}"

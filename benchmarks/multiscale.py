@@ -24,13 +24,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import nst_samples  # noqa: E402
 from nst_core import images, quality  # noqa: E402
 from nst_core.engine import IterationInfo, stylize  # noqa: E402
 from nst_core.network import load_network, resolve_device  # noqa: E402
 from nst_core.params import StyleParams  # noqa: E402
 
 WEIGHTS = "random:0"
-SAMPLES = REPO.parent / "shared" / "data" / "images"
+SAMPLES = nst_samples.folder()
 MARGIN = 1.02
 
 SCHEDULES = {

@@ -33,7 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-SAMPLES = REPO.parent / "shared" / "data" / "images"
+import nst_samples  # noqa: E402
+
+SAMPLES = nst_samples.folder()
 
 
 def rss_mb(pid: int) -> float:

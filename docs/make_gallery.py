@@ -6,13 +6,12 @@
 Uses the engine exactly as ``nst stylize`` does (``nst_core.engine.stylize``), with
 ``random:0`` weights: ImageNet weights cannot be downloaded where this gallery was
 made, and untrained VGG-19 weights still transfer colour and texture. Sample images
-come from ``../shared/data/images`` (or ``$NST_SAMPLE_IMAGES``).
+come from the ``nst_samples`` package.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import nst_samples  # noqa: E402
 from nst_core import engine, images  # noqa: E402
 from nst_core.params import StyleParams  # noqa: E402
 
@@ -30,7 +30,7 @@ JPEG_QUALITY = 82
 
 
 def sample_dir() -> Path:
-    return Path(os.environ.get("NST_SAMPLE_IMAGES", ROOT.parent / "shared" / "data" / "images"))
+    return nst_samples.folder()
 
 
 def load(name: str) -> Image.Image:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 Made by `docs/make_gallery.py` (`.venv/bin/python docs/make_gallery.py`), with the engine exactly as
 `nst stylize` runs it, at {args.size} px, {args.iterations} iterations (L-BFGS, default early stopping),
-on the sample images of `../shared/data/images`.
+on the sample images of `nst_samples/`.
 
 > **These use untrained, seeded random VGG-19 weights (`weights=random:0`).** ImageNet weights
 > cannot be downloaded on the machine this gallery was made on. Random-weight VGG-19 still transfers

@@ -23,8 +23,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.hooks import describe_parameters, notify_failure
+from flows.progress import Progress, publish
 from nst_core import storage
 from nst_core.params import StyleParams
+from nst_run import paths
 from nst_run.execute import auto_batch_size, release_failed_leases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
@@ -34,6 +36,7 @@ from nst_run.results import ResultsWriter, run_name
 from tasks.steps import read_manifest, resolve_items, stylize_items
 
 TABLE_ARTIFACT_ROWS = 1000
+FIRST_FAILURES = 10  # failed and invalid rows named in summary.json (and by `nst run`); all are in results.csv
 
 DASK_ADDRESS_ENV = "NST_DASK_ADDRESS"  # tcp://scheduler:8786: run the tasks on that dask-distributed cluster
 DASK_RESOURCE_ENV = "NST_DASK_RESOURCE"  # the worker resource one batch holds (default GPU; empty: none)
@@ -43,15 +46,16 @@ def task_runner_from_settings() -> Any:
     """The task runner: a dask-distributed cluster when NST_DASK_ADDRESS is set, else threads in this process."""
     address = os.environ.get(DASK_ADDRESS_ENV)
     if address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=address)
+        return on_dask(address).task_runner
     return ThreadPoolTaskRunner(max_workers=int(os.environ.get("NST_THREADS", "8")))
 
 
 def on_dask(address: str) -> Any:
     """This flow with its tasks sent to the dask-distributed scheduler at ``address``."""
-    from prefect_dask import DaskTaskRunner
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:  # an extra: workers and the flow's machine install it with nst-bulk[dask]
+        raise RuntimeError(f"{DASK_ADDRESS_ENV}={address} needs prefect-dask: pip install 'nst-bulk[dask]'") from None
 
     return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))
 
@@ -70,6 +74,12 @@ def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
 def retry_delays(retries: int, first_delay_s: float, cap_s: float = 600.0) -> list[float]:
     """Delays before each task retry: doubling from ``first_delay_s`` (a blip is retried soon, an outage waited out)."""
     return [min(first_delay_s * 2**i, cap_s) for i in range(retries)]
+
+
+def _settled(resolved: list[Work | Outcome], computed: dict[str, Outcome]) -> tuple[int, int]:
+    """How many of a chunk's rows have an outcome (resolved ones, or their item computed), and how many failed."""
+    outcomes = [r if isinstance(r, Outcome) else computed.get(r.item_id) for r in resolved]
+    return sum(o is not None for o in outcomes), sum(o is not None and o.status == "failed" for o in outcomes)
 
 
 def _check_output(output_uri: str, allow_local_paths: bool) -> None:
@@ -144,8 +154,11 @@ def stylize_manifest(
     stylize = stylize_items.with_options(retries=retries, retry_delay_seconds=delays)
     resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays)
     random_weights = False
+    failed_before = 0  # rows of earlier chunks that failed (progress figures)
     for chunk in chunks(manifest.rows, chunk_size):
         resolved = resolve(chunk, output_uri, force)
+        done, failed = _settled(resolved, {})  # cached rows and inputs that could not be read
+        publish(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
         # Rows with the same item id share one computation; compatible items share a batch.
         first_of: dict[str, Work] = {}
         for r in resolved:
@@ -163,12 +176,16 @@ def stylize_manifest(
             except Exception as exc:  # retries exhausted, or an unexpected error: only this batch fails
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 computed.update({w.item_id: outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in batch})
+            done, failed = _settled(resolved, computed)
+            publish(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
         outcomes = [r if isinstance(r, Outcome) else for_row(computed[r.item_id], r) for r in resolved]
+        failed_before += sum(o.status == "failed" for o in outcomes)
         release_failed_leases(computed.values(), output_uri, owner, storage_patience_s, logger)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
         writer.add(outcomes)
         update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)
     counts = writer.counts()
+    failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     summary: dict[str, Any] = {
         "run": run,
         "run_folder": writer.folder,
@@ -178,10 +195,11 @@ def stylize_manifest(
         "counts": counts,
         "wall_time_s": time.perf_counter() - started,
         "random_weights": random_weights,
+        "report": paths.run_file(writer.folder, paths.REPORT_FILE),  # built below, once the results table is stored
+        "first_failures": [{"row": o.row, "id": o.id, "status": o.status, "error": o.error} for o in failures[:FIRST_FAILURES]],
     }
     summary.update(writer.finish(summary))
     summary["report"] = storage.retry_transient(lambda: build_report(writer.folder), storage_patience_s)  # {run folder}/report.html + thumbs/ (nst_run/report)
-    failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     create_table_artifact(
         table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],
         key="stylize-results",

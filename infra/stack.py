@@ -55,10 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python infra/stack.py` as well as `python -m infra.stack`
     sys.path.insert(0, str(REPO))
 
+import nst_samples  # noqa: E402
 from infra.seaweedfs import HOST, PORT_NAMES, REGION, S3Server, find_weed, free_ports, start_s3_server  # noqa: E402
 
 DEFAULT_DIR = REPO / ".stack"
-SAMPLE_IMAGES = Path(os.environ.get("NST_SAMPLE_IMAGES", REPO.parent / "shared" / "data" / "images"))
+SAMPLE_IMAGES = nst_samples.folder()
 PREFECT_YAML = REPO / "infra" / "prefect.yaml"
 BUCKET = "nst"
 POOL = "nst-local"
@@ -354,9 +355,9 @@ def upload_samples(server: S3Server, bucket: str) -> list[str]:
     except ClientError:
         client.create_bucket(Bucket=bucket)
     if not SAMPLE_IMAGES.is_dir():
-        raise StackError(f"sample images not found in {SAMPLE_IMAGES} (set NST_SAMPLE_IMAGES)")
+        raise StackError(f"sample images not found in {SAMPLE_IMAGES}")
     for path in sorted(SAMPLE_IMAGES.iterdir()):
-        if path.is_file():
+        if path.is_file() and path.suffix not in (".py", ".csv"):  # the images and SOURCES.md, not the package's code
             client.put_object(Bucket=bucket, Key=f"images/{path.name}", Body=path.read_bytes())
     manifests = []
     for path in sorted((REPO / "manifests").glob("*.csv")):

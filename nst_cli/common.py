@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -32,8 +32,19 @@ def format_validation_error(exc: ValidationError, flag_style: bool = True) -> st
     return "invalid parameters: " + "; ".join(parts)
 
 
+def field_choices(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed values of a ``Literal[...]`` field (``pooling``: ``('avg', 'max')``), else None."""
+    if get_origin(annotation) is Literal:
+        return tuple(str(v) for v in get_args(annotation))
+    return None
+
+
 def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """One flag per StyleParams field; unset flags stay None (the model's default applies)."""
+    """One flag per StyleParams field; unset flags stay None (the model's default applies).
+
+    Boolean fields are switches (``--normalize-network`` / ``--no-normalize-network``); fields
+    with a fixed set of values take only those (``--pooling {avg,max}``), listed in ``--help``.
+    """
     from nst_core.params import StyleParams
 
     group = parser.add_argument_group("style parameters")
@@ -42,13 +53,13 @@ def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -
             continue
         default = info.default
         shown = "|".join(map(str, default)) if isinstance(default, tuple) else default
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=None,
-            metavar=name.split("_")[-1].upper(),
-            help=f"{info.description} (default: {shown})",
-        )
+        flag, text = "--" + name.replace("_", "-"), f"{info.description} (default: {shown})"
+        if info.annotation is bool:
+            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
+        elif choices := field_choices(info.annotation):
+            group.add_argument(flag, dest=name, default=None, choices=choices, help=text)
+        else:
+            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=text)
 
 
 def style_overrides(args: argparse.Namespace) -> dict[str, Any]:

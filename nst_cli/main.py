@@ -11,6 +11,7 @@ flow import Prefect only when they are called.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,16 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, add_style_flags, build_params, format_validation_error, style_overrides
+
+
+def package_version() -> str:
+    """The installed nst-bulk version (``importlib.metadata``; no torch import for ``--version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nst-bulk")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def _sibling(out: str, suffix: str) -> str:
@@ -147,12 +158,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` pairs as a dict; an unknown key is refused with the nearest valid names."""
+    from nst_core.params import StyleParams
+
     values: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {pair!r}: expected key=value")
-        values[key.strip().replace("-", "_")] = value
+        name = key.strip().replace("-", "_")
+        if name not in StyleParams.model_fields:
+            close = difflib.get_close_matches(name, list(StyleParams.model_fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; `nst run --help` lists the style parameters"
+            raise UsageError(f"--set {key.strip()}={value}: unknown parameter {key.strip()!r}{hint}")
+        values[name] = value
     return values
 
 
@@ -176,6 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nst", description="Bulk neural style transfer (Gatys et al., 2015).")
+    parser.add_argument("--version", action="version", version=f"nst {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stylize", help="stylise one content image with one style image (or a blend of several)")
@@ -203,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a style parameter default under the manifest's columns (repeatable)")
         p.add_argument("--strict", action="store_true", help="fail before any work when any row is invalid")
         p.add_argument("--no-local-paths", action="store_true", help="refuse local paths in the manifest (only s3://)")
+        if name == "validate":
+            p.add_argument("--json", action="store_true", help="print the plan as JSON (and nothing else) on stdout")
         if name == "run":
             p.add_argument("--force", action="store_true", help="redo items that are already done")
             p.add_argument("--max-items", type=int, default=None, help="stop planning after this many rows")

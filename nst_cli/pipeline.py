@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
 from nst_run.status import ALWAYS_SHOWN_STATUSES
+
+if TYPE_CHECKING:
+    from flows.progress import Progress
 
 # Seconds per iteration at 512 px with L-BFGS, for the plan's device-hours estimate
 # (measured: see README, benchmarks/engine.py). Scales with pixel count.
 SECONDS_PER_ITERATION_512 = {"cpu": 4.0, "cuda": 0.03}
 
-SAMPLE_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _quiet_prefect_env() -> None:
@@ -48,7 +49,8 @@ def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
 
     defaults = _defaults(sets)
     manifest = load_manifest(args.manifest, defaults=defaults, allow_local_paths=not args.no_local_paths)
-    cached = failed = 0
+    cached = 0
+    failed: list[Outcome] = []
     todo: list[Work] = []
     if args.output:
         resolved = resolve_items(manifest.rows, args.output, False)
@@ -69,22 +71,57 @@ def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
         "estimated_device_hours": round(estimate_device_hours(rows_todo, device), 4),
         "estimate_device": device,
         "invalid_rows": [{"row": b.row, "id": b.id, "column": b.column, "reason": b.reason} for b in manifest.invalid],
+        "unreadable_rows": [{"row": f.row, "id": f.id, "reason": f.error} for f in failed],
     }
     if args.output is None:
-        plan["note"] = "pass --output to count items already done (reads and hashes every input)"
-    print(f"manifest {plan['manifest']}: {plan['rows']} rows, {plan['valid']} valid, {plan['invalid']} invalid")
-    for bad in manifest.invalid:
-        print(f"  invalid: {bad.error}")
-    if args.output:
-        print(f"  already done (cached): {cached}; unreadable inputs: {len(failed)}; to do: {plan['to_do']} items")
-        for f in failed:
-            print(f"  unreadable: row {f.row}: {f.error}")
-    print(f"  distinct styles: {plan['distinct_styles']}; estimated {plan['estimated_device_hours']:.3f} device-hours on {device}")
-    if getattr(args, "json", False):
+        plan["note"] = "inputs not checked: pass --output to read and hash every input and count items already done"
+    if args.json:  # the plan alone on stdout, for scripts
         print(json.dumps(plan, indent=2))
-    if args.strict and manifest.invalid:
-        return EXIT_FAILED
-    return EXIT_OK if not manifest.invalid else EXIT_FAILED
+    else:
+        print(f"manifest {plan['manifest']}: {plan['rows']} rows, {plan['valid']} valid, {plan['invalid']} invalid")
+        for bad in manifest.invalid:
+            print(f"  invalid: {bad.error}")
+        if args.output:
+            print(f"  already done (cached): {cached}; unreadable inputs: {len(failed)}; to do: {plan['to_do']} items")
+            for f in failed:
+                print(f"  unreadable: row {f.row}: {f.error}")
+        else:
+            print(f"  {plan['note']}")
+        print(f"  distinct styles: {plan['distinct_styles']}; estimated {plan['estimated_device_hours']:.3f} device-hours on {device}")
+    # Any invalid row or unreadable input is a plan that would fail: a script can stop on the exit code.
+    return EXIT_FAILED if manifest.invalid or failed else EXIT_OK
+
+
+class ProgressLine:
+    """``rows 12/40 done, 1 failed, ETA 0:03:10`` on ``stream`` as batches finish (``flows.progress``).
+
+    On a terminal the line is rewritten in place; elsewhere (a log, CI) a line is printed each time
+    another tenth of the rows is done, so a 100,000-row run writes ten lines, not 100,000.
+    """
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.shown = -1  # the last tenth printed (not a terminal)
+        self.last = (-1, -1)
+
+    def __call__(self, progress: Progress) -> None:
+        if (progress.done, progress.failed) == self.last:
+            return
+        self.last = (progress.done, progress.failed)
+        tenth = 10 * progress.done // max(progress.total, 1)
+        if not self.tty and tenth == self.shown:
+            return
+        self.shown = tenth
+        eta = progress.eta_s
+        line = f"rows {progress.done}/{progress.total} done, {progress.failed} failed, {progress.invalid} invalid"
+        line += f", ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""
+        if self.tty:
+            end = "\n" if progress.done >= progress.total else ""
+            self.stream.write(f"\r\033[K{line}{end}")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 def print_summary(summary: dict[str, Any], outcomes_csv: str | None = None) -> None:
@@ -93,8 +130,16 @@ def print_summary(summary: dict[str, Any], outcomes_csv: str | None = None) -> N
     print(f"run {summary['run']}: {summary['rows']} rows in {summary['wall_time_s']:.1f} s")
     for status, n in counts.items():
         print(f"  {status:<{width}}  {n}")
+    failures = summary.get("first_failures") or []
+    if failures:
+        shown = sum(n for status, n in summary["counts"].items() if status in ("failed", "invalid"))
+        print(f"first failed and invalid rows ({len(failures)} of {shown}; all in results.csv):")
+        for f in failures:
+            print(f"  row {f['row']} ({f['id']}) {f['status']}: {f['error']}")
     print(f"results: {summary['results_csv']}")
     print(f"         {summary['results_parquet']}")
+    if summary.get("report"):
+        print(f"report:  {summary['report']}")
     print(f"items:   {summary['output_uri'].rstrip('/')}/items/<item_id>/ (stylized image, loss.csv, loss.png, meta.json)")
     if summary.get("random_weights"):
         print("WARNING: untrained random VGG-19 weights (random:N) were used; every output records this.")
@@ -104,6 +149,7 @@ def _run_flow(
     manifest: str, output: str, defaults, *, strict: bool, force: bool, max_items: int | None, allow_local_paths: bool, **options: Any
 ) -> tuple[int, dict[str, Any] | None]:
     _quiet_prefect_env()
+    from flows.progress import listening
     from flows.stylize_manifest import stylize_manifest
     from nst_core.storage import StorageError
     from nst_run.manifest import ManifestError
@@ -121,7 +167,8 @@ def _run_flow(
         raise UsageError("invalid run option: " + "; ".join("--" + line.replace("_", "-", line.find(":")) if ":" in line else line for line in lines)) from None
     finally:
         flow_logger.disabled = False
-    state = stylize_manifest(**parameters, return_state=True)
+    with listening(ProgressLine(sys.stderr)):
+        state = stylize_manifest(**parameters, return_state=True)
     try:
         summary = state.result(raise_on_failure=False)
     except Exception as exc:  # pragma: no cover - defensive
@@ -166,11 +213,13 @@ def run_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """The README's main job: the sample manifest, end to end, on the embedded defaults."""
+    import nst_samples
     from nst_core.network import WeightsError, load_network
 
-    manifest = REPO_ROOT / "manifests" / "samples.csv"
-    if not SAMPLE_IMAGES.is_dir():
-        raise UsageError(f"sample images not found at {SAMPLE_IMAGES}")
+    try:  # the manifest ships beside the images in the package, so a wheel runs the demo too
+        manifest = nst_samples.path(nst_samples.MANIFEST)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
     weights = "imagenet"
     try:
         load_network("imagenet", device="cpu")

@@ -20,8 +20,8 @@
  prefect_server (session) one temporary Prefect server (SQLite) for the whole
                        session (prefect_test_harness); flows in tests run
                        against it. PREFECT_HOME is a temp folder; analytics off.
- sample_images          the folder of sample images (../shared/data/images or
-                       $NST_SAMPLE_IMAGES).
+ sample_images          the folder of sample images (the nst_samples package,
+                       in the repository).
  tubingen, starry, shipwreck (session) the decoded sample images (PIL, RGB).
  net        (session)  the VGG-19 with random:0 weights on the CPU (the engine
                        tests' network; load_network caches it per process).
@@ -101,10 +101,12 @@ def prefect_server() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def sample_images() -> Path:
-    """The sample images folder (``../shared/data/images`` beside the repo, or $NST_SAMPLE_IMAGES)."""
-    folder = Path(os.environ.get("NST_SAMPLE_IMAGES", Path(__file__).resolve().parents[2] / "shared" / "data" / "images"))
+    """The sample images folder (the ``nst_samples`` package)."""
+    from helpers import sample_images_dir
+
+    folder = sample_images_dir()
     if not (folder / "tubingen.jpg").is_file():
-        pytest.fail(f"sample images not found in {folder} (set NST_SAMPLE_IMAGES)")
+        pytest.fail(f"sample images not found in {folder} (the nst_samples package is incomplete)")
     return folder
 
 

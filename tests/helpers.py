@@ -1,8 +1,8 @@
 """Small helpers shared by the engine tests (plain functions, no fixtures).
 
-* :func:`sample_images_dir` / :func:`sample_image`: the real sample images in
-  ``../shared/data/images`` (override with ``NST_SAMPLE_IMAGES``); a test that
-  needs them fails with a clear reason when they are absent.
+* :func:`sample_images_dir` / :func:`sample_image`: the real sample images of the
+  ``nst_samples`` package (in the repository); a test that needs one fails with a
+  clear reason when it is absent.
 * :func:`psnr`: peak signal-to-noise ratio of two ``[3, H, W]`` tensors in [0, 1].
 * :func:`stacked_targets`: per-item content/style targets stacked into one batch.
 """
@@ -10,25 +10,23 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 
 
 def sample_images_dir() -> Path:
-    """``$NST_SAMPLE_IMAGES`` or ``<repo>/../shared/data/images``."""
-    override = os.environ.get("NST_SAMPLE_IMAGES")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+    """The folder of the ``nst_samples`` package."""
+    import nst_samples
+
+    return nst_samples.folder()
 
 
 def sample_image(name: str) -> Path:
     """Path of a sample image; fails the calling test when it is not there (never a silent skip)."""
     path = sample_images_dir() / name
     if not path.is_file():
-        pytest.fail(f"sample image {path} not found (set NST_SAMPLE_IMAGES to the folder that has {name})", pytrace=False)
+        pytest.fail(f"sample image {path} not found (the nst_samples package is incomplete)", pytrace=False)
     return path
 
 
