@@ -57,7 +57,7 @@ def on_dask(address: str) -> Any:
     except ImportError:  # an extra: workers and the flow's machine install it with nst-bulk[dask]
         raise RuntimeError(f"{DASK_ADDRESS_ENV}={address} needs prefect-dask: pip install 'nst-bulk[dask]'") from None
 
-    return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))
+    return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[arg-type]  # prefect-dask's runner is a TaskRunner of its own futures
 
 
 def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
@@ -183,7 +183,7 @@ def stylize_manifest(
         release_failed_leases(computed.values(), output_uri, owner, storage_patience_s, logger)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
         writer.add(outcomes)
-        update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)
+        update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
     counts = writer.counts()
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     summary: dict[str, Any] = {
