@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install install-test demo test test-fast bench constraints clean up down status
+.PHONY: install install-test demo lint test test-fast bench constraints clean up down status
 
 install: $(STAMP_RUN)
 
@@ -43,7 +43,12 @@ $(CHROMIUM):
 demo: install
 	$(BIN)/nst demo
 
-test: install-test
+# Lint first (ruff: pyproject's [tool.ruff]; mypy: [tool.mypy]), then the tests.
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install-test lint
 	$(BIN)/pytest
 
 test-fast: install-test

@@ -50,7 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import nst_samples  # noqa: E402
-
 from nst_core import engine as nst_engine  # noqa: E402
 from nst_core import images, quality, stylize  # noqa: E402
 from nst_core.network import load_network, resolve_device, resolve_precision  # noqa: E402

@@ -16,8 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false"); os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
 sys.path.insert(0, str(REPO))
-import tasks.stylize as ts, nst_core.report as rep, flows.stylize_manifest as fm
+import flows.stylize_manifest as fm
+import nst_run.execute as ts
 from nst_core.params import StyleParams
+
 T = {}
 def wrap(mod, name):
     f = getattr(mod, name)

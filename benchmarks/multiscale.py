@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import nst_samples  # noqa: E402
-
 from nst_core import images, quality  # noqa: E402
 from nst_core.engine import IterationInfo, stylize  # noqa: E402
 from nst_core.network import load_network, resolve_device  # noqa: E402

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     from s3server import start_s3_server
 
-    import tasks.stylize as task_module
+    import nst_run.execute as task_module
     from flows.stylize_manifest import stylize_manifest
     from nst_core import storage
     from nst_core.params import StyleParams
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def baseline_in_a_fresh_process(size: int, iterations: int, count: int) -> float:
     """:func:`engine_baseline` in a child process: PyTorch run on this process's main thread would keep an
-    OpenMP team alive and slow the flow's device thread (see tasks.stylize.DevicePool)."""
+    OpenMP team alive and slow the flow's device thread (see nst_run.execute.DevicePool)."""
     code = f"import soak; print(soak.engine_baseline({size}, {iterations}, {count}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -42,10 +42,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import engine as engine_bench  # noqa: E402  (benchmarks/engine.py: the reference loop)
-import nst_samples  # noqa: E402
 
+import nst_samples  # noqa: E402
 from nst_core import images, quality, storage  # noqa: E402
-from nst_core.network import LAYER_NAMES, load_network, resolve_device, resolve_precision  # noqa: E402
+from nst_core.layers import LAYER_NAMES  # noqa: E402
+from nst_core.network import load_network, resolve_device, resolve_precision  # noqa: E402
 from nst_core.params import StyleParams  # noqa: E402
 
 WEIGHTS = "random:0"

@@ -12,7 +12,6 @@ come from the ``nst_samples`` package.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nst_samples  # noqa: E402
-
 from nst_core import engine, images  # noqa: E402
 from nst_core.params import StyleParams  # noqa: E402
 

@@ -49,6 +49,8 @@ from typing import Any, TypeVar
 
 from pydantic.fields import FieldInfo
 
+from nst_core import storage
+
 WEBHOOK_ENV = "NST_FAILURE_WEBHOOK"
 SCOPE_ENV = "NST_FAILURE_WEBHOOK_SCOPE"
 TIMEOUT_ENV = "NST_FAILURE_WEBHOOK_TIMEOUT_S"
@@ -110,23 +112,10 @@ def _secret_values() -> list[str]:
     return sorted(set(values), key=len, reverse=True)
 
 
-def _clean_uri(uri: str) -> str:
-    """No query string, fragment or user info (presigned URLs, user:password@host)."""
-    text = " ".join(str(uri).split())
-    if "://" not in text:
-        return text
-    scheme, rest = text.split("://", 1)
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
-    netloc, sep, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}://{netloc}{sep}{path}"
-
-
 def scrub(text: Any, limit: int = MESSAGE_LIMIT) -> str:
     """``text`` fit for a notification: one line, URLs cleaned, secret values masked, capped."""
     out = " ".join(str(text).split())
-    out = _URL.sub(lambda m: _clean_uri(m.group(1)), out)
+    out = _URL.sub(lambda m: storage.sanitize_uri(m.group(1)), out)
     for secret in _secret_values():
         out = out.replace(secret, "***")
     return out if len(out) <= limit else out[: limit - 3] + "..."
@@ -144,7 +133,7 @@ def build_payload(flow: Any, flow_run: Any, state: Any) -> dict[str, Any]:
     except Exception:
         deployment = None
     params = dict(getattr(flow_run, "parameters", None) or {})
-    shown = {k: scrub(_clean_uri(params[k]), 300) for k in ("manifest_uri", "output_uri") if isinstance(params.get(k), str)}
+    shown = {k: scrub(storage.sanitize_uri(params[k]), 300) for k in ("manifest_uri", "output_uri") if isinstance(params.get(k), str)}
     ui = os.environ.get("PREFECT_UI_URL", "").rstrip("/")
     run_id = str(getattr(flow_run, "id", "") or "")
     url = f"{ui}/runs/flow-run/{run_id}" if ui and run_id else None

@@ -1,8 +1,10 @@
 """The flow data teams run: a CSV manifest in, stylised images, losses and metadata out.
 
-Orchestration only: read and validate the manifest, resolve rows to
-content-addressed items chunk by chunk, fan the items out to ``gpu``-tagged
-tasks, collect the outcomes into the results table and Prefect artifacts.
+Composition only: read and validate the manifest, resolve rows to
+content-addressed items chunk by chunk, plan batches, fan them out to ``gpu``-tagged
+tasks (``tasks.steps``), collect the outcomes into the results table
+(``nst_run.results``), the report and Prefect artifacts. The work itself is
+``nst_run``'s plain functions.
 """
 
 from __future__ import annotations
@@ -13,31 +15,25 @@ import time
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.hooks import describe_parameters, notify_failure
 from flows.progress import Progress, publish
-from nst_core import images, storage
-from nst_core.lease import DEFAULT_TTL_S
-from nst_core.manifest import ManifestError
+from nst_core import storage
 from nst_core.params import StyleParams
-from nst_core.report import build_report
-from tasks.results import ResultsWriter, run_name
-from tasks.stylize import (
-    Outcome,
-    Work,
-    outcome_for_invalid,
-    outcome_for_row,
-    read_manifest,
-    release_failed_leases,
-    resolve_items,
-    stylize_items,
-)
+from nst_run import paths
+from nst_run.execute import auto_batch_size, release_failed_leases
+from nst_run.lease import DEFAULT_TTL_S
+from nst_run.manifest import ManifestError
+from nst_run.planning import Outcome, Work, chunks, for_row, outcome_for_invalid, outcome_for_row, plan_batches
+from nst_run.report import build_report
+from nst_run.results import ResultsWriter, run_name
+from tasks.steps import read_manifest, resolve_items, stylize_items
 
 TABLE_ARTIFACT_ROWS = 1000
 FIRST_FAILURES = 10  # failed and invalid rows named in summary.json (and by `nst run`); all are in results.csv
@@ -61,7 +57,7 @@ def on_dask(address: str) -> Any:
     except ImportError:  # an extra: workers and the flow's machine install it with nst-bulk[dask]
         raise RuntimeError(f"{DASK_ADDRESS_ENV}={address} needs prefect-dask: pip install 'nst-bulk[dask]'") from None
 
-    return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))
+    return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[arg-type]  # prefect-dask's runner is a TaskRunner of its own futures
 
 
 def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
@@ -78,50 +74,6 @@ def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
 def retry_delays(retries: int, first_delay_s: float, cap_s: float = 600.0) -> list[float]:
     """Delays before each task retry: doubling from ``first_delay_s`` (a blip is retried soon, an outage waited out)."""
     return [min(first_delay_s * 2**i, cap_s) for i in range(retries)]
-
-
-def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
-    return [seq[i : i + size] for i in range(0, len(seq), size)]
-
-
-def plan_batches(works: list[Work], batch_size: int) -> list[list[Work]]:
-    """Group compatible items (same parameters, same size at every stage) into batches of at most ``batch_size``.
-
-    ``batch_size=0`` picks one: 1 on a CPU-only machine (batching does not speed up a
-    compute-bound CPU), else what the first GPU's free memory holds.
-    """
-    groups: dict[tuple[object, ...], list[Work]] = {}
-    for work in works:
-        groups.setdefault(work.batch_key(), []).append(work)
-    batches: list[list[Work]] = []
-    for group in groups.values():
-        size = batch_size or auto_batch_size(group[0])
-        batches += _chunks(group, max(1, size))
-    return batches
-
-
-def auto_batch_size(work: Work) -> int:
-    import torch
-
-    from nst_core.engine import estimate_item_bytes
-
-    if not torch.cuda.is_available() or work.content_size is None:
-        return 1
-    free, _ = torch.cuda.mem_get_info()
-    side = work.row.params.size
-    width, height = images.fitted_size(*work.content_size, side)
-    return int(max(1, min(64, 0.7 * free // estimate_item_bytes(height, width, work.row.params))))
-
-
-def for_row(done: Outcome, work: Work) -> Outcome:
-    """The outcome of ``work``'s row, given the outcome of the computation it shares."""
-    if done.row == work.row.row:
-        return done
-    return outcome_for_row(
-        work.row, done.status, error=done.error, item_id=done.item_id, output_uri=done.output_uri,
-        iterations=done.iterations, duration_s=done.duration_s, device=done.device, weights_id=done.weights_id,
-        losses=done.losses, style_distance=done.style_distance, content_distance=done.content_distance,
-    )  # fmt: skip
 
 
 def _settled(resolved: list[Work | Outcome], computed: dict[str, Outcome]) -> tuple[int, int]:
@@ -191,7 +143,7 @@ def stylize_manifest(
         first = "; ".join(bad.error for bad in manifest.invalid[:5])
         raise ManifestError(f"strict: {len(manifest.invalid)} invalid row(s), nothing was run. {first}")
     run = run_name(flow_run.get_name())
-    owner = flow_run.get_id() or run  # leases (nst_core.lease) are held in the name of this flow run
+    owner = flow_run.get_id() or run  # leases (nst_run.lease) are held in the name of this flow run
     writer = ResultsWriter(output_uri, run, patience_s=storage_patience_s)
     writer.add([outcome_for_invalid(bad) for bad in manifest.invalid])
     for bad in manifest.invalid:
@@ -203,7 +155,7 @@ def stylize_manifest(
     resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays)
     random_weights = False
     failed_before = 0  # rows of earlier chunks that failed (progress figures)
-    for chunk in _chunks(manifest.rows, chunk_size):
+    for chunk in chunks(manifest.rows, chunk_size):
         resolved = resolve(chunk, output_uri, force)
         done, failed = _settled(resolved, {})  # cached rows and inputs that could not be read
         publish(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
@@ -212,7 +164,7 @@ def stylize_manifest(
         for r in resolved:
             if isinstance(r, Work):
                 first_of.setdefault(r.item_id, r)
-        batches = plan_batches(list(first_of.values()), batch_size)
+        batches = plan_batches(list(first_of.values()), batch_size, auto_batch_size)
         with _gpu_annotation():
             futures = [
                 stylize.submit(batch, output_uri, item_timeout_s, owner, lease_ttl_s, lease_wait_s, force) for batch in batches
@@ -228,10 +180,10 @@ def stylize_manifest(
             publish(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
         outcomes = [r if isinstance(r, Outcome) else for_row(computed[r.item_id], r) for r in resolved]
         failed_before += sum(o.status == "failed" for o in outcomes)
-        release_failed_leases(computed.values(), output_uri, owner, storage_patience_s)
+        release_failed_leases(computed.values(), output_uri, owner, storage_patience_s, logger)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
         writer.add(outcomes)
-        update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)
+        update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
     counts = writer.counts()
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     summary: dict[str, Any] = {
@@ -243,11 +195,11 @@ def stylize_manifest(
         "counts": counts,
         "wall_time_s": time.perf_counter() - started,
         "random_weights": random_weights,
-        "report": storage.join(writer.folder, "report.html"),  # built below, once the results table is stored
+        "report": paths.run_file(writer.folder, paths.REPORT_FILE),  # built below, once the results table is stored
         "first_failures": [{"row": o.row, "id": o.id, "status": o.status, "error": o.error} for o in failures[:FIRST_FAILURES]],
     }
     summary.update(writer.finish(summary))
-    summary["report"] = storage.retry_transient(lambda: build_report(writer.folder), storage_patience_s)  # {run folder}/report.html + thumbs/ (nst_core/report.py)
+    summary["report"] = storage.retry_transient(lambda: build_report(writer.folder), storage_patience_s)  # {run folder}/report.html + thumbs/ (nst_run/report)
     create_table_artifact(
         table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],
         key="stylize-results",

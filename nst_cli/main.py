@@ -15,11 +15,10 @@ import difflib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, add_style_flags, build_params, format_validation_error, style_overrides
 
 
 def package_version() -> str:
@@ -30,66 +29,6 @@ def package_version() -> str:
         return version("nst-bulk")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "(not installed)"
-
-
-class UsageError(Exception):
-    """Bad input or invocation: exit code 2."""
-
-
-def format_validation_error(exc: ValidationError, flag_style: bool = True) -> str:
-    """pydantic's errors as one line: ``--style-weight: Input should be ... (got 'x')``."""
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "parameters"
-        name = "--" + field.replace("_", "-") if flag_style and field != "parameters" else field
-        message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{name}: {message}")
-    return "invalid parameters: " + "; ".join(parts)
-
-
-def field_choices(annotation: Any) -> tuple[str, ...] | None:
-    """The allowed values of a ``Literal[...]`` field (``pooling``: ``('avg', 'max')``), else None."""
-    if get_origin(annotation) is Literal:
-        return tuple(str(v) for v in get_args(annotation))
-    return None
-
-
-def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """One flag per StyleParams field; unset flags stay None (the model's default applies).
-
-    Boolean fields are switches (``--normalize-network`` / ``--no-normalize-network``); fields
-    with a fixed set of values take only those (``--pooling {avg,max}``), listed in ``--help``.
-    """
-    from nst_core.params import StyleParams
-
-    group = parser.add_argument_group("style parameters")
-    for name, info in StyleParams.model_fields.items():
-        if name in skip:
-            continue
-        default = info.default
-        shown = "|".join(map(str, default)) if isinstance(default, tuple) else default
-        flag, text = "--" + name.replace("_", "-"), f"{info.description} (default: {shown})"
-        if info.annotation is bool:
-            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
-        elif choices := field_choices(info.annotation):
-            group.add_argument(flag, dest=name, default=None, choices=choices, help=text)
-        else:
-            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=text)
-
-
-def style_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from nst_core.params import StyleParams
-
-    return {name: getattr(args, name) for name in StyleParams.model_fields if getattr(args, name, None) is not None}
-
-
-def build_params(values: dict[str, Any]):  # -> StyleParams
-    from nst_core.params import StyleParams
-
-    try:
-        return StyleParams.model_validate(values)
-    except ValidationError as exc:
-        raise UsageError(format_validation_error(exc)) from None
 
 
 def _sibling(out: str, suffix: str) -> str:
@@ -106,11 +45,12 @@ def _read_image(uri: str, max_pixels: int):
 
 def _input_names(content_uri: str, style_uris: Sequence[str], params) -> dict[str, str]:
     """How the engine's errors name each input (``engine.Job.names``): the URI as given, by role."""
-    from nst_core import engine, storage
+    from nst_core import storage
+    from nst_core.params import input_role
 
     names = {"content": content_uri}
-    names.update((engine.input_role("style", k), uri) for k, uri in enumerate(style_uris))
-    names.update((engine.input_role("style_mask", k), uri) for k, uri in enumerate(params.style_masks or ()))
+    names.update((input_role("style", k), uri) for k, uri in enumerate(style_uris))
+    names.update((input_role("style_mask", k), uri) for k, uri in enumerate(params.style_masks or ()))
     if params.init_is_image:
         names["init"] = params.init
     return {role: storage.sanitize_uri(uri) for role, uri in names.items()}
@@ -140,8 +80,9 @@ def _snapshot_path(out: str, iteration: int) -> str:
 
 def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool) -> int:
     from nst_core import engine, history, images, storage
-    from nst_core.network import WeightsSpec, load_network, resolve_device
+    from nst_core.network import resolve_device
     from nst_core.params import StyleInputsError
+    from nst_core.weights import WeightsSpec
 
     ext = os.path.splitext(out)[1].lower().lstrip(".")
     fmt = {"jpg": "jpeg"}.get(ext, ext)
@@ -167,14 +108,7 @@ def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool)
             "every output records this.",
             file=sys.stderr,
         )
-    network = load_network(
-        params.weights,
-        pooling=params.pooling,
-        device=resolve_device(params.device),
-        weights_path=weights_path,
-        weights_sha256=params.weights_sha256,
-        normalize=params.normalize_network,
-    )
+    network = engine.network_for(params, resolve_device(params.device), weights_path)
     progress = _Progress(params.iterations, enabled=not quiet)
     try:
         result = engine.stylize(

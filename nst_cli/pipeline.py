@@ -10,8 +10,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from nst_cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
-from nst_core.status import ALWAYS_SHOWN_STATUSES
+from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
+from nst_run.status import ALWAYS_SHOWN_STATUSES
 
 if TYPE_CHECKING:
     from flows.progress import Progress
@@ -44,8 +44,8 @@ def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
     import torch
 
     from nst_core import storage
-    from nst_core.manifest import load_manifest
-    from tasks.stylize import Outcome, Work, resolve_items
+    from nst_run.manifest import load_manifest
+    from nst_run.planning import Outcome, Work, resolve_items
 
     defaults = _defaults(sets)
     manifest = load_manifest(args.manifest, defaults=defaults, allow_local_paths=not args.no_local_paths)
@@ -53,7 +53,7 @@ def validate_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
     failed: list[Outcome] = []
     todo: list[Work] = []
     if args.output:
-        resolved = resolve_items.fn(manifest.rows, args.output, False)
+        resolved = resolve_items(manifest.rows, args.output, False)
         todo = [r for r in resolved if isinstance(r, Work)]
         cached = sum(1 for r in resolved if isinstance(r, Outcome) and r.status == "cached")
         failed = [r for r in resolved if isinstance(r, Outcome) and r.status == "failed"]
@@ -151,8 +151,8 @@ def _run_flow(
     _quiet_prefect_env()
     from flows.progress import listening
     from flows.stylize_manifest import stylize_manifest
-    from nst_core.manifest import ManifestError
     from nst_core.storage import StorageError
+    from nst_run.manifest import ManifestError
 
     parameters = dict(
         manifest_uri=manifest, output_uri=output, defaults=defaults, strict=strict, force=force,
@@ -213,9 +213,8 @@ def run_manifest(args: argparse.Namespace, sets: dict[str, str]) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """The README's main job: the sample manifest, end to end, on the embedded defaults."""
-    from nst_core.network import WeightsError, load_network
-
     import nst_samples
+    from nst_core.network import WeightsError, load_network
 
     try:  # the manifest ships beside the images in the package, so a wheel runs the demo too
         manifest = nst_samples.path(nst_samples.MANIFEST)

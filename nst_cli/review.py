@@ -1,7 +1,7 @@
 """``nst report``, ``nst review`` and ``nst export``: the commands that work on stored runs.
 
-None of them imports Prefect: they read what a run stored (``nst_core.report``,
-``nst_core.review``, ``nst_core.export``). Each is registered on the ``nst``
+None of them imports Prefect: they read what a run stored (``nst_run.report``,
+``nst_run.review``, ``nst_run.export``). Each is registered on the ``nst``
 parser by :func:`register`.
 """
 
@@ -12,19 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _usage(message: str) -> Exception:
-    from nst_cli.main import UsageError
-
-    return UsageError(message)
+from nst_cli.common import EXIT_OK, UsageError
 
 
 def default_local_dir(run_uri: str) -> Path:
     """Where ``nst report`` copies an ``s3://`` run's report: ``~/.cache/nst/reports/<bucket>/<key>``."""
     from nst_core import storage
-    from nst_core.review import run_folder
+    from nst_run.results import run_folder
 
     parsed = storage.parse_uri(run_folder(run_uri))
     parts = [p for p in f"{parsed.bucket}/{parsed.key}".split("/") if p and p not in (".", "..")]
@@ -33,7 +27,7 @@ def default_local_dir(run_uri: str) -> Path:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from nst_core import storage
-    from nst_core.report import REPORT_FILE, build_report, download_report
+    from nst_run.report import REPORT_FILE, build_report, download_report
 
     local_dir = Path(args.local_dir).expanduser() if args.local_dir else None
     remote = storage.is_s3(args.run)
@@ -41,7 +35,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         local_dir = default_local_dir(args.run)
     if args.no_upload:
         if local_dir is None:
-            raise _usage("--no-upload needs an s3:// run or --local-dir")
+            raise UsageError("--no-upload needs an s3:// run or --local-dir")
         build_report(args.run, dest_uri=str(local_dir))
         opened = local_dir / REPORT_FILE
         print(f"report {opened} (built locally; nothing written to {storage.sanitize_uri(args.run)})")
@@ -61,20 +55,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from nst_core import review
+    from nst_run import results, review
 
-    run = review.open_run(args.run)
+    run = results.open_run(args.run)
     if args.from_file:
         if args.target or args.decision:
-            raise _usage("--from-file takes no ITEM and no --decision (they are in the file)")
+            raise UsageError("--from-file takes no ITEM and no --decision (they are in the file)")
         try:
             payload = json.loads(Path(args.from_file).expanduser().read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise _usage(f"--from-file {args.from_file}: cannot read a JSON file ({exc})") from None
+            raise UsageError(f"--from-file {args.from_file}: cannot read a JSON file ({exc})") from None
         stored = review.record_bulk(run, payload, args.reviewer)
     else:
         if not args.target or not args.decision or not args.reviewer:
-            raise _usage("review needs ITEM (a manifest id or item id), --decision keep|reject and --reviewer NAME (or --from-file FILE)")
+            raise UsageError("review needs ITEM (a manifest id or item id), --decision keep|reject and --reviewer NAME (or --from-file FILE)")
         stored = [review.record_decision(run, args.target, args.decision, args.reviewer, args.note)]
     for d in stored:
         ids = ", ".join(d.ids)
@@ -84,10 +78,10 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nst_core.export import export_dataset
+    from nst_run.export import export_dataset
 
     if len(args.paths) < 2:
-        raise _usage("export needs one or more RUN_URI and a DEST")
+        raise UsageError("export needs one or more RUN_URI and a DEST")
     *runs, dest = args.paths
     result = export_dataset(runs, dest, only=args.only)
     print(f"exported {result.images} image(s) from {len(runs)} run(s) to {result.dest}: "

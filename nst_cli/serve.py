@@ -1,7 +1,7 @@
 """``nst serve``: the deployments of ``stylize_manifest``, through Prefect's own deployment API.
 
 Two deployments, declared here and, identically, in ``infra/prefect.yaml``
-(``tests/test_stack.py`` checks that the two agree):
+(``tests/e2e/test_stack.py`` checks that the two agree):
 
 ``stylize_manifest/adhoc``
     for runs started by hand: the UI's custom-run form, ``prefect deployment
@@ -86,7 +86,7 @@ def deployment_specs(
     schedule_active: bool = True,
 ) -> list[DeploymentSpec]:
     """The deployments, checked: the scheduled one needs s3:// manifest and output URIs."""
-    from nst_cli.main import UsageError
+    from nst_cli.common import UsageError
 
     specs = [DeploymentSpec(ADHOC, ADHOC_DESCRIPTION, (*TAGS, ADHOC), dict(BASE_PARAMETERS))]
     if not scheduled:
@@ -119,7 +119,7 @@ def deployment_specs(
 
 
 def _check_cron(cron: str, timezone: str) -> None:
-    from nst_cli.main import UsageError
+    from nst_cli.common import UsageError
 
     try:
         from prefect.client.schemas.schedules import CronSchedule
@@ -177,7 +177,7 @@ def _run_command(spec: DeploymentSpec) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nst_cli.main import EXIT_OK
+    from nst_cli.common import EXIT_OK
 
     specs = deployment_specs(
         args.schedule_manifest,

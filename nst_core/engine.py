@@ -33,17 +33,11 @@ from torch import Tensor
 
 from nst_core import color, images
 from nst_core.errors import ImageError
+from nst_core.layers import min_image_side
 from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
-from nst_core.network import Network, load_network, min_image_side, resolve_device, resolve_precision
+from nst_core.network import Network, load_network, resolve_device, resolve_precision
 from nst_core.optim import LBFGS_HISTORY, make_optimizer
-from nst_core.params import StyleInputsError, StyleParams
-
-ENGINE_VERSION = "2"
-"""Algorithm version: bumped only when the same inputs would give a different image.
-
-2: the returned image is each item's best (lowest total loss), not its last iterate, and the
-L-BFGS divergence guard (:func:`optimise`).
-"""
+from nst_core.params import StyleInputsError, StyleParams, input_role
 
 
 class TimeLimitExceeded(RuntimeError):
@@ -93,7 +87,7 @@ class StyleResult:
         return {k: v for k, v in row.items() if k not in ("iteration", "size")}
 
     def to_pil(self) -> Image.Image:
-        """The image as RGB (converted once: callers convert on the device's thread, see tasks.stylize.DevicePool)."""
+        """The image as RGB (converted once: callers convert on the device's thread, see nst_run.execute.DevicePool)."""
         if self._pil is None:
             self._pil = images.to_pil(self.image)
         return self._pil
@@ -276,7 +270,7 @@ def optimise(
     32 px: 3e-7 relative at the first iteration, 1.5e-3 after 15), so a
     batched item is not its lone run to the pixel after many iterations; the
     tests compare each iteration's total loss within 0.2 % over the first few
-    (``tests/test_engine_stylize.py``). Raises :class:`TimeLimitExceeded` past
+    (``tests/unit/test_engine_stylize.py``). Raises :class:`TimeLimitExceeded` past
     ``time_limit_s`` seconds.
     """
     start = time.perf_counter()
@@ -376,14 +370,6 @@ def _histories(names: list[str], steps: list[Tensor], batch: int) -> list[list[d
             rows.append(row)
         out.append(rows)
     return out
-
-
-def input_role(kind: str, index: int) -> str:
-    """The role of the ``index``-th (0-based) ``style`` or ``style_mask``: ``style``, ``style_1``, ...
-
-    The keys of :attr:`Job.names` (the same as the pipeline's input roles).
-    """
-    return kind if index == 0 else f"{kind}_{index}"
 
 
 def image_label(kind: str, names: Mapping[str, str] | None, role: str) -> str:
@@ -523,12 +509,6 @@ def batch_style_targets(
     return _stack_targets(guided), guidance
 
 
-def output_size(content: Image.Image, long_side: int) -> tuple[int, int]:
-    """(height, width) the engine optimises at for this content image."""
-    width, height = images.fitted_size(*content.size, long_side)
-    return height, width
-
-
 def _stack_targets(per_item: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {name: torch.cat([t[name] for t in per_item]) for name in per_item[0]} if per_item else {}
 
@@ -545,6 +525,27 @@ def estimate_item_bytes(height: int, width: int, params: StyleParams) -> int:
     history = 2 * LBFGS_HISTORY * 3 * pixels if params.optimizer == "lbfgs" else 2 * 3 * pixels
     history += 3 * pixels  # the best image so far
     return int(4 * (2 * activations + history) * 1.25)
+
+
+def network_for(params: StyleParams, device: torch.device, weights_path: str | None = None) -> Network:
+    """The (cached) network ``params`` ask for on ``device``: weights, pooling, normalisation.
+
+    Args:
+        params: the item's parameters (``weights``, ``weights_sha256``, ``pooling``, ``normalize_network``).
+        device: where the network lives.
+        weights_path: a local copy of a remote weights file (fetched by the caller), else None.
+
+    Raises:
+        WeightsError: the weights cannot be loaded (see :func:`nst_core.network.load_network`).
+    """
+    return load_network(
+        params.weights,
+        pooling=params.pooling,
+        device=device,
+        weights_path=weights_path,
+        weights_sha256=params.weights_sha256,
+        normalize=params.normalize_network,
+    )
 
 
 def stylize_batch(
@@ -576,14 +577,7 @@ def stylize_batch(
     for job in jobs:
         job.check()
     if network is None:
-        network = load_network(
-            params.weights,
-            pooling=params.pooling,
-            device=resolve_device(params.device),
-            weights_path=weights_path,
-            weights_sha256=params.weights_sha256,
-            normalize=params.normalize_network,
-        )
+        network = network_for(params, resolve_device(params.device), weights_path)
     elif network.normalized != params.normalize_network:
         raise ValueError(f"normalize_network={params.normalize_network} but the network given is {'' if network.normalized else 'not '}normalised")
     network = network.at_precision(resolve_precision(params.precision, network.device))

@@ -27,12 +27,13 @@ import struct
 import warnings
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported by the tensor conversions only: decoding and sizes need none
+    from torch import Tensor
 
 from nst_core.errors import ImageError
 
@@ -287,6 +288,8 @@ def fitted_size(width: int, height: int, long_side: int) -> tuple[int, int]:
 
 def to_tensor(image: Image.Image) -> Tensor:
     """RGB PIL image -> float32 tensor ``[3, H, W]`` in [0, 1]."""
+    import torch
+
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
@@ -308,6 +311,8 @@ def mask_tensor(image: Image.Image, size: tuple[int, int], label: str = "mask") 
     White (1) marks the region, black (0) the rest; grey values weight it. Refused when its aspect
     ratio differs from ``size``'s by more than 2 % (a mask drawn for another image) or when it is all black.
     """
+    import torch
+
     width, height = size
     ratio, want = image.size[0] / image.size[1], width / height
     if abs(ratio / want - 1.0) > MASK_ASPECT_TOLERANCE:

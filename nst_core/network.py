@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import os
 import pickle
@@ -65,49 +64,14 @@ import torch
 from torch import Tensor, nn
 
 from nst_core.errors import WeightsError
-
-# Channels of each convolution block, from torchvision's VGG-19 ("E") config.
-_BLOCKS: tuple[tuple[int, int], ...] = ((64, 2), (128, 2), (256, 4), (512, 4), (512, 4))
-
-
-def _layer_names() -> tuple[str, ...]:
-    names: list[str] = []
-    for block, (_, convs) in enumerate(_BLOCKS, start=1):
-        for i in range(1, convs + 1):
-            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
-        names.append(f"pool{block}")
-    return tuple(names)
-
-
-LAYER_NAMES: tuple[str, ...] = _layer_names()
-"""Every addressable layer, in forward order (37 names)."""
+from nst_core.layers import LAYER_NAMES
+from nst_core.weights import WeightsSpec, sha256_file, weights_id
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision's file name for VGG19_Weights.IMAGENET1K_V1 in the hub cache.
 IMAGENET_FILE = "vgg19-dcbb9e9d.pth"
-
-
-def layer_index(name: str) -> int:
-    """Position of a named layer in the forward pass (raises KeyError)."""
-    try:
-        return LAYER_NAMES.index(name)
-    except ValueError:
-        raise KeyError(f"unknown VGG-19 layer {name!r}; known layers: {', '.join(LAYER_NAMES)}") from None
-
-
-def downsampling_before(name: str) -> int:
-    """How many 2x poolings an image passes through before reaching ``name``."""
-    return sum(1 for n in LAYER_NAMES[: layer_index(name) + 1] if n.startswith("pool"))
-
-
-def min_image_side(layers: list[str] | tuple[str, ...]) -> int:
-    """Smallest image side whose feature map at every one of ``layers`` is >= 1 px.
-
-    Each pooling halves the side (floor), so ``k`` poolings need ``2**k`` px.
-    """
-    return 2 ** max((downsampling_before(n) for n in layers), default=0)
 
 
 def _build_features() -> nn.Sequential:
@@ -126,55 +90,6 @@ def _build_features() -> nn.Sequential:
             module = nn.ReLU(inplace=False)
         layers[name] = module
     return nn.Sequential(OrderedDict(layers))
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """A parsed ``weights`` parameter: kind is ``imagenet``, ``random`` or ``file``."""
-
-    kind: str
-    seed: int | None = None
-    path: str | None = None
-
-    @staticmethod
-    def parse(text: str) -> "WeightsSpec":
-        text = text.strip()
-        if text == "imagenet":
-            return WeightsSpec("imagenet")
-        if text.startswith("random:"):
-            seed = text.removeprefix("random:")
-            if not seed.isdigit():
-                raise ValueError(f"weights {text!r}: 'random:' must be followed by a non-negative integer seed")
-            return WeightsSpec("random", seed=int(seed))
-        if not text:
-            raise ValueError("weights must not be empty")
-        return WeightsSpec("file", path=text)
-
-    @property
-    def is_random(self) -> bool:
-        return self.kind == "random"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def weights_id(weights: str, local_path: str | None = None) -> str:
-    """A stable identifier of the weights, for metadata and ``item_id``.
-
-    ``imagenet`` and ``random:N`` name themselves; a file is named by the sha256
-    of its bytes, so the same file reached by two URIs has one id.
-    """
-    spec = WeightsSpec.parse(weights)
-    if spec.kind == "imagenet":
-        return "imagenet:IMAGENET1K_V1"
-    if spec.kind == "random":
-        return f"random:{spec.seed}"
-    return "sha256:" + sha256_file(local_path or spec.path or "")
 
 
 def _random_state_dict(features: nn.Sequential, seed: int) -> dict[str, Tensor]:
@@ -398,7 +313,7 @@ def normalize_trunk(trunk: nn.Sequential, images: Tensor, mean: tuple[float, ...
     return means
 
 
-def channel_means(features: "VGGFeatures", images: Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
+def channel_means(features: VGGFeatures, images: Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
     """Mean activation of every channel of ``layers`` over ``images`` and positions (for checks)."""
     with torch.no_grad():
         feats = features(images.to(features.mean.device), layers)

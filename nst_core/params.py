@@ -50,11 +50,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from nst_core.errors import ParamsError
-from nst_core.network import LAYER_NAMES, WeightsSpec
+from nst_core.layers import LAYER_NAMES
+from nst_core.weights import WeightsSpec
 
 INIT_KEYWORDS = ("content", "noise", "style")
-COLOR_MODES = ("none", "luminance", "histogram")
 MAX_STYLES = 8
+
+
+def input_role(kind: str, index: int) -> str:
+    """The role name of the ``index``-th (0-based) ``style`` or ``style_mask``: ``style``, ``style_1``, ...
+
+    Roles name the inputs whose sha256 enter ``item_id`` and ``meta.json``'s ``inputs``, and key the
+    engine's ``Job.names``; the first keeps the plain name, so single-style items keep their ids.
+    """
+    return kind if index == 0 else f"{kind}_{index}"
+
 
 DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 DEFAULT_CONTENT_LAYERS = ("relu4_2",)
@@ -348,6 +358,6 @@ class StyleParams(BaseModel):
             if k not in NON_OUTPUT_FIELDS and not (k in IDENTITY_WHEN_SET and v == IDENTITY_WHEN_SET[k])
         }
 
-    def with_overrides(self, **changes: Any) -> "StyleParams":
+    def with_overrides(self, **changes: Any) -> StyleParams:
         """A validated copy with some fields changed (``model_copy`` does not validate)."""
         return type(self).model_validate({**self.model_dump(), **changes})

@@ -21,8 +21,8 @@ modes are not taken into account (the distance is to the paintings as given).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,7 +108,7 @@ def measure(
 
 
 def measure_result(
-    image: Tensor, content: "Image.Image", style: "Image.Image | Sequence[Image.Image]", params: StyleParams,
+    image: Tensor, content: Image.Image, style: Image.Image | Sequence[Image.Image], params: StyleParams,
     optimised_weights_id: str, device: str | torch.device = "cpu",
 ) -> Quality:  # fmt: skip
     """:func:`measure` for an engine output, with content and style(s) resized as the engine resized them."""

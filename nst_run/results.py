@@ -1,0 +1,254 @@
+"""The run's results table: one row per manifest row, written as items finish, and read back.
+
+``{output_uri}/runs/{run}/parts/results-NNNNN.csv`` is written after every
+chunk (a crash leaves the finished part); ``results.csv`` and
+``results.parquet`` are written complete at the end. Every write is retried
+while storage is unreachable, for up to ``patience_s``; a part that still
+cannot be written is skipped (the final tables hold every row).
+
+Reading (:func:`open_run`): a run folder from any storage address, results
+from Parquet (else the CSV, its formula guard undone), ``summary.json``, and
+where its items live; the report, the review commands and the export work on
+old runs too. Writer and reader sit side by side so the guard and its undoing
+stay one pair.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from nst_core import storage
+from nst_core.errors import NSTError
+from nst_run import paths
+from nst_run.status import DONE_STATUSES, STATUSES
+
+if TYPE_CHECKING:
+    from nst_run.planning import Outcome
+
+BASE_COLUMNS = [
+    "id", "row", "status", "error", "item_id", "output_uri", "content_uri", "style_uri",
+    "loss_total", "loss_content", "loss_style", "loss_tv", "style_distance", "content_distance",
+    "iterations", "duration_s", "device", "weights_id",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_QUOTED = re.compile(r"^'[=+\-@\t\r]")  # a cell csv_safe guarded
+
+
+def run_name(flow_run_name: str | None, now: datetime | None = None) -> str:
+    """Unique, sortable run folder name: UTC timestamp plus the flow run's name."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ")
+    slug = re.sub(r"[^a-z0-9-]+", "-", (flow_run_name or "local").lower()).strip("-")[:60] or "run"
+    return f"{stamp}-{slug}"
+
+
+def csv_safe(value: Any) -> Any:
+    """Neutralise spreadsheet formulas (CSV injection): text cells starting with = + - @ get a leading '."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def to_frame(outcomes: list[Outcome]) -> pd.DataFrame:
+    rows = [o.as_row() for o in sorted(outcomes, key=lambda o: o.row)]
+    frame = pd.DataFrame(rows)
+    for column in BASE_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = pd.Series(dtype="object")
+    extra = sorted(c for c in frame.columns if c not in BASE_COLUMNS)
+    return frame[BASE_COLUMNS + extra]
+
+
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    safe = frame.apply(lambda column: column.map(csv_safe)) if len(frame) else frame
+    return safe.to_csv(index=False).encode("utf-8")
+
+
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object}).to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+class ResultsWriter:
+    """Accumulates outcomes and stores them under ``{output_uri}/runs/{run}/``."""
+
+    def __init__(self, output_uri: str, run: str, patience_s: float = 300.0):
+        self.folder = paths.run_folder(output_uri, run)
+        self.outcomes: list[Outcome] = []
+        self.patience_s = patience_s
+        self._parts = 0
+
+    def _write(self, uri: str, data: bytes, content_type: str) -> None:
+        storage.retry_transient(lambda: storage.write_bytes(uri, data, content_type), self.patience_s)
+
+    def add(self, outcomes: list[Outcome]) -> None:
+        self.outcomes.extend(outcomes)
+        if outcomes:
+            self._parts += 1
+            part = paths.results_part(self.folder, self._parts)
+            try:
+                self._write(part, csv_bytes(to_frame(outcomes)), "text/csv")
+            except storage.StorageError as exc:
+                if not exc.transient:
+                    raise
+                log.warning("results part %s not written (%s); the final results.csv will hold its rows", part, exc)
+
+    def counts(self) -> dict[str, int]:
+        found = Counter(o.status for o in self.outcomes)
+        return {status: found.get(status, 0) for status in STATUSES}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, str]:
+        frame = to_frame(self.outcomes)
+        locations = {
+            "results_csv": paths.run_file(self.folder, paths.RESULTS_CSV),
+            "results_parquet": paths.run_file(self.folder, paths.RESULTS_PARQUET),
+            "summary": paths.run_file(self.folder, paths.SUMMARY_FILE),
+        }
+        self._write(locations["results_csv"], csv_bytes(frame), "text/csv")
+        self._write(locations["results_parquet"], parquet_bytes(frame), "application/octet-stream")
+        self._write(locations["summary"], json.dumps({**summary, **locations}, indent=2).encode(), "application/json")
+        return locations
+
+
+# --------------------------------------------------------------------------- reading a run back
+
+
+class ReviewError(NSTError):
+    """A run, item or decision that cannot be used as given (CLI exit code 2)."""
+
+
+def finite_number(value: Any) -> float | None:
+    """A stored value as a finite float, or None (missing, text, NaN, inf): stored metadata is not trusted."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass
+class Run:
+    """A stored run read back: where it is, its results rows and summary."""
+
+    folder: str  # {output_uri}/runs/{run}
+    name: str
+    output_root: str | None  # {output_uri}, when the folder sits in a runs/ folder
+    rows: list[dict[str, Any]]  # one per manifest row, from results.parquet (or .csv)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def item_folder(self, item_id: str) -> str | None:
+        if not self.output_root or not paths.ITEM_ID.match(item_id or ""):
+            return None
+        return paths.item_folder(self.output_root, item_id)
+
+    @property
+    def shown_uri(self) -> str:
+        """The run's address fit to be written into files (no credentials)."""
+        return storage.sanitize_uri(self.folder)
+
+    def done_rows(self) -> list[dict[str, Any]]:
+        """Rows whose item has an output image (succeeded or cached)."""
+        return [r for r in self.rows if r.get("status") in DONE_STATUSES and r.get("item_id")]
+
+
+def run_folder(run_uri: str) -> str:
+    """Normalise a run address: no trailing slash; a file inside the run folder names the folder."""
+    uri = str(run_uri).strip()
+    if not uri:
+        raise ReviewError("empty run address")
+    for name in paths.RUN_FILES:
+        if uri.rstrip("/").endswith("/" + name):
+            uri = uri.rstrip("/")[: -len(name) - 1]
+            break
+    stripped = uri.rstrip("/")
+    return stripped or uri
+
+
+def _clean_value(value: Any) -> Any:
+    if value is None:
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            return value.item()
+        except (AttributeError, ValueError):
+            return value
+    return value
+
+
+def _frame_rows(frame: Any, from_csv: bool) -> list[dict[str, Any]]:
+    rows = []
+    for record in frame.to_dict("records"):
+        row = {str(k): _clean_value(v) for k, v in record.items()}
+        if from_csv:
+            for key, value in row.items():
+                if value == "":
+                    row[key] = None
+                elif isinstance(value, str) and _FORMULA_QUOTED.match(value):
+                    row[key] = value[1:]  # undo csv_safe (the CSV-injection guard, above)
+            for key in ("loss_total", "loss_content", "loss_style", "loss_tv", "style_distance", "content_distance", "duration_s"):
+                if row.get(key) is not None:
+                    try:
+                        row[key] = float(row[key])
+                    except (TypeError, ValueError):
+                        row[key] = None
+        for key in ("row", "iterations"):
+            if row.get(key) is not None:
+                try:
+                    row[key] = int(float(row[key]))
+                except (TypeError, ValueError):
+                    pass
+        if row.get("id") is not None:
+            row["id"] = str(row["id"])
+        rows.append(row)
+    return rows
+
+
+def open_run(run_uri: str) -> Run:
+    """Read a run folder back (results table and summary). Raises :class:`ReviewError` when it is not one."""
+    folder = run_folder(run_uri)
+    try:
+        data = storage.read_bytes(paths.run_file(folder, paths.RESULTS_PARQUET))
+        rows = _frame_rows(pd.read_parquet(io.BytesIO(data)), from_csv=False)
+    except storage.ObjectNotFound:
+        try:
+            data = storage.read_bytes(paths.run_file(folder, paths.RESULTS_CSV))
+        except storage.ObjectNotFound:
+            raise ReviewError(_not_a_run_message(folder)) from None
+        rows = _frame_rows(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False), from_csv=True)
+    try:
+        summary = json.loads(storage.read_bytes(paths.run_file(folder, paths.SUMMARY_FILE)))
+        if not isinstance(summary, dict):
+            summary = {}
+    except (storage.ObjectNotFound, ValueError):
+        summary = {}
+    root, name = paths.split_run_folder(folder)
+    return Run(folder=folder, name=str(summary.get("run") or name), output_root=root, rows=rows, summary=summary)
+
+
+def _not_a_run_message(folder: str) -> str:
+    shown = storage.sanitize_uri(folder)
+    try:
+        runs = sorted({u.split("/runs/", 1)[1].split("/", 1)[0] for u in storage.list_prefix(paths.runs_prefix(folder))})
+    except (storage.StorageError, ValueError):
+        runs = []
+    if runs:
+        latest = ", ".join(paths.run_folder(shown, r) for r in runs[-3:])
+        return f"{shown} is an output folder, not a run; pass one of its runs (latest: {latest})"
+    return f"{shown}: not a run folder (no results.parquet or results.csv in it)"

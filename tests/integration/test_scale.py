@@ -1,0 +1,133 @@
+"""Scale-out: the flow on a real dask-distributed cluster, and batching/chunking in the flow."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from nst_core import storage
+from nst_core.params import StyleParams
+
+TINY = StyleParams(size=32, iterations=3, weights="random:0")
+
+
+def write_manifest(path: Path, sample_images: Path, rows: int) -> str:
+    lines = ["id,content_uri,style_uri,seed,init"]
+    contents, styles = ("tubingen.jpg", "hoovertowernight.jpg"), ("starry_night.jpg", "shipwreck.jpg")
+    for i in range(rows):
+        lines.append(f"r{i},{sample_images / contents[i % 2]},{sample_images / styles[(i // 2) % 2]},{i},noise")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def read_results(summary: dict) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(storage.read_bytes(summary["results_csv"])), dtype=str, keep_default_na=False)
+
+
+async def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+@pytest.mark.slow
+def test_dask_cluster_two_workers_each_item_once(prefect_server, sample_images, tmp_path, monkeypatch):
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.stylize_manifest import on_dask
+
+    # The worker processes report task runs to the same Prefect server as this process.
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    manifest = write_manifest(tmp_path / "m.csv", sample_images, rows=8)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+        host="127.0.0.1", dashboard_address=None,
+    ) as cluster:  # fmt: skip
+        state = on_dask(cluster.scheduler_address)(
+            manifest_uri=manifest, output_uri=str(tmp_path / "out"), defaults=TINY,
+            allow_local_paths=True, batch_size=1, retries=0, return_state=True,
+        )  # fmt: skip
+    summary = state.result()
+    assert summary["counts"]["succeeded"] == 8
+    results = read_results(summary)
+    assert results["item_id"].nunique() == 8
+    workers = set()
+    for item in results["item_id"]:
+        meta = json.loads(storage.read_bytes(str(tmp_path / "out" / "items" / item / "meta.json")))
+        workers.add(meta["worker"])
+    assert len(workers) == 2, workers  # both worker processes did work
+    runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
+    stylize_runs = [r for r in runs if r.name.startswith("stylize-items")]
+    assert len(stylize_runs) == 8  # one per item (batch_size=1) ...
+    assert all(r.state.is_completed() and r.run_count == 1 for r in stylize_runs)  # ... each run exactly once
+
+
+def test_compatible_items_share_a_batch_and_match_alone(prefect_server, sample_images, tmp_path):
+    """Same-size items with the same parameters run as one batch; results close to single runs."""
+    from flows.stylize_manifest import stylize_manifest
+
+    manifest = write_manifest(tmp_path / "m.csv", sample_images, rows=4)
+    batched = stylize_manifest(
+        manifest_uri=manifest, output_uri=str(tmp_path / "batched"), defaults=TINY,
+        allow_local_paths=True, batch_size=4, return_state=True,
+    ).result()  # fmt: skip
+    alone = stylize_manifest(
+        manifest_uri=manifest, output_uri=str(tmp_path / "alone"), defaults=TINY,
+        allow_local_paths=True, batch_size=1, return_state=True,
+    ).result()  # fmt: skip
+    b, a = read_results(batched), read_results(alone)
+    assert list(b["item_id"]) == list(a["item_id"])  # batching is not part of an item's identity
+    sizes = []
+    for item in b["item_id"]:
+        meta = json.loads(storage.read_bytes(str(tmp_path / "batched" / "items" / item / "meta.json")))
+        sizes.append(meta["batch_size"])
+    # tubingen (4:3) and hoover (19:10) differ in shape: two batches of two.
+    assert sizes == [2, 2, 2, 2]
+    for lb, la in zip(b["loss_total"].astype(float), a["loss_total"].astype(float), strict=True):
+        assert lb == pytest.approx(la, rel=0.02)
+
+
+def test_chunking_bounds_tasks_in_flight(prefect_server, sample_images, tmp_path):
+    from flows.stylize_manifest import stylize_manifest
+    from nst_run.planning import plan_batches
+
+    assert plan_batches([], 4) == []
+    manifest = write_manifest(tmp_path / "m.csv", sample_images, rows=5)
+    state = stylize_manifest(
+        manifest_uri=manifest, output_uri=str(tmp_path / "o"), defaults=TINY.with_overrides(iterations=1),
+        allow_local_paths=True, chunk_size=2, batch_size=1, return_state=True,
+    )  # fmt: skip
+    summary = state.result()
+    parts = [u for u in storage.list_prefix(summary["run_folder"]) if "/parts/" in u]
+    assert len(parts) == 3  # 2 + 2 + 1 rows: results written after every chunk
+    assert summary["counts"]["succeeded"] == 5
+
+
+def test_device_work_runs_on_the_devices_own_thread():
+    """All PyTorch work on a device runs on one long-lived thread (nst_run.execute.DevicePool), whatever
+    task thread asks: many OpenMP teams on a small CPU slowed the optimisation by a quarter."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nst_run.execute import DevicePool
+
+    pool = DevicePool()
+
+    def ask(_: int) -> str:
+        with pool.acquire("cpu") as device:
+            return pool.run(device, lambda: threading.current_thread().name)
+
+    with ThreadPoolExecutor(4) as askers:
+        names = set(askers.map(ask, range(8)))
+    assert names == {"nst-cpu_0"}
+    with pool.acquire("cpu") as device, pytest.raises(ZeroDivisionError):
+        pool.run(device, lambda: 1 / 0)

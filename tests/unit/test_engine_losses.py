@@ -1,0 +1,271 @@
+"""The losses of Gatys et al. (2015): each checked against its formula written
+out independently here (numpy, float64), its gradient checked numerically,
+and its invariances checked (style ignores where a feature is, and is zero
+for the style image itself through the real VGG-19)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import sample_image
+
+from nst_core import losses
+from nst_core.losses import GatysLoss, LossWeights
+
+NORMALIZATIONS = ("paper", "target")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def _rand(*shape: int, seed: int, positive: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return x.abs() if positive else x
+
+
+# --- independent reference formulas (numpy, explicit loops over the batch) --------------
+
+
+def ref_gram(f: np.ndarray) -> np.ndarray:
+    """Raw Gram matrix G_ij = sum_k F_ik F_jk of one item's features [N, H, W]."""
+    n = f.shape[0]
+    flat = f.reshape(n, -1)
+    g = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            g[i, j] = np.sum(flat[i] * flat[j])
+    return g
+
+
+def ref_content(f: np.ndarray, p: np.ndarray, norm: str) -> np.ndarray:
+    out = []
+    for b in range(f.shape[0]):
+        pb = p[b] if p.shape[0] > 1 else p[0]
+        err = np.sum((f[b] - pb) ** 2)
+        out.append(0.5 * err if norm == "paper" else err / np.sum(pb**2))
+    return np.array(out)
+
+
+def ref_style_paper(f: np.ndarray, style_features: np.ndarray) -> np.ndarray:
+    """E_l = sum (G - A)^2 / (4 N^2 M^2) with raw Grams of same-size images."""
+    out = []
+    for b in range(f.shape[0]):
+        n, h, w = f[b].shape
+        m = h * w
+        g, a = ref_gram(f[b]), ref_gram(style_features[0])
+        out.append(np.sum((g - a) ** 2) / (4.0 * n**2 * m**2))
+    return np.array(out)
+
+
+def ref_style_target(f: np.ndarray, style_features: np.ndarray) -> np.ndarray:
+    """sum (G/M - A/M_s)^2 / sum (A/M_s)^2 (style image may have another size)."""
+    out = []
+    ms = style_features.shape[-2] * style_features.shape[-1]
+    a = ref_gram(style_features[0]) / ms
+    for b in range(f.shape[0]):
+        m = f.shape[-2] * f.shape[-1]
+        g = ref_gram(f[b]) / m
+        out.append(np.sum((g - a) ** 2) / np.sum(a**2))
+    return np.array(out)
+
+
+def ref_tv(x: np.ndarray, norm: str) -> np.ndarray:
+    out = []
+    for b in range(x.shape[0]):
+        c, h, w = x[b].shape
+        total = 0.0
+        for ch in range(c):
+            for i in range(h):
+                for j in range(w):
+                    if i + 1 < h:
+                        total += (x[b, ch, i + 1, j] - x[b, ch, i, j]) ** 2
+                    if j + 1 < w:
+                        total += (x[b, ch, i, j + 1] - x[b, ch, i, j]) ** 2
+        out.append(total if norm == "paper" else total / (c * h * w))
+    return np.array(out)
+
+
+# --- each loss equals its formula -----------------------------------------------------------
+
+
+def test_gram_matrix_is_raw_and_mean_gram_is_per_position():
+    f = _rand(2, 4, 3, 5, seed=1)
+    g = losses.gram_matrix(f)
+    for b in range(2):
+        np.testing.assert_allclose(_np(g[b]), ref_gram(_np(f[b])), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(_np(losses.mean_gram(f)[b]), ref_gram(_np(f[b])) / 15, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+@pytest.mark.parametrize("target_batch", [1, 3], ids=["shared-target", "per-item-target"])
+def test_content_loss_equals_formula(norm, target_batch):
+    f = _rand(3, 4, 5, 6, seed=2)
+    p = _rand(target_batch, 4, 5, 6, seed=3)
+    got = losses.content_loss(f, p, norm)
+    assert got.shape == (3,)
+    np.testing.assert_allclose(_np(got), ref_content(_np(f), _np(p), norm), rtol=1e-10)
+
+
+def test_content_loss_paper_form_is_half_the_sum_of_squares():
+    f = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
+    p = torch.tensor([[[[1.0, 3.0]]]], dtype=torch.float64)
+    assert losses.content_loss(f, p, "paper").item() == pytest.approx(0.5 * (1 + 9))
+    assert losses.content_loss(f, p, "target").item() == pytest.approx(1.0)  # (1+9)/(1+9)
+
+
+def test_style_loss_paper_form_equals_formula_with_raw_grams():
+    f = _rand(2, 5, 4, 6, seed=4, positive=True)  # post-ReLU-like
+    s = _rand(1, 5, 4, 6, seed=5, positive=True)  # same size as the generated image
+    got = losses.style_layer_loss(f, losses.mean_gram(s), "paper")
+    assert got.shape == (2,)
+    np.testing.assert_allclose(_np(got), ref_style_paper(_np(f), _np(s)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("style_hw", [(4, 6), (7, 3)], ids=["same-size", "other-size"])
+def test_style_loss_target_form_equals_formula(style_hw):
+    f = _rand(2, 5, 4, 6, seed=6, positive=True)
+    s = _rand(1, 5, *style_hw, seed=7, positive=True)
+    got = losses.style_layer_loss(f, losses.mean_gram(s), "target")
+    np.testing.assert_allclose(_np(got), ref_style_target(_np(f), _np(s)), rtol=1e-10)
+
+
+def test_style_loss_per_item_targets():
+    f = _rand(2, 3, 4, 4, seed=8, positive=True)
+    s = _rand(2, 3, 4, 4, seed=9, positive=True)
+    got = losses.style_layer_loss(f, losses.mean_gram(s), "paper")
+    want = [ref_style_paper(_np(f[b : b + 1]), _np(s[b : b + 1]))[0] for b in range(2)]
+    np.testing.assert_allclose(_np(got), want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_tv_loss_equals_formula(norm):
+    x = _rand(2, 3, 5, 7, seed=10)
+    got = losses.tv_loss(x, norm)
+    np.testing.assert_allclose(_np(got), ref_tv(_np(x), norm), rtol=1e-10)
+
+
+def test_tv_loss_zero_for_a_flat_image():
+    assert losses.tv_loss(torch.full((1, 3, 8, 8), 0.3)).item() == 0.0
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_gatys_loss_total_and_named_terms(norm):
+    """total = alpha*content + beta*sum_l w_l E_l + gamma*tv, every term reported unweighted."""
+    image = _rand(2, 3, 8, 8, seed=11).clamp(0, 1)
+    feats = {
+        "relu1_1": _rand(2, 4, 8, 8, seed=12, positive=True),
+        "relu2_1": _rand(2, 6, 4, 4, seed=13, positive=True),
+        "relu4_2": _rand(2, 8, 2, 2, seed=14, positive=True),
+    }
+    content_t = {"relu4_2": _rand(1, 8, 2, 2, seed=15, positive=True)}
+    style_src = {"relu1_1": _rand(1, 4, 8, 8, seed=16, positive=True), "relu2_1": _rand(1, 6, 4, 4, seed=17, positive=True)}
+    style_t = {k: losses.mean_gram(v) for k, v in style_src.items()}
+    w = LossWeights(
+        content=0.7, style=13.0, tv=2.5, style_layers={"relu1_1": 0.25, "relu2_1": 0.75},
+        content_layers=("relu4_2",), normalization=norm,
+    )
+    total, terms = GatysLoss(w, content_t, style_t)(feats, image)
+
+    assert list(terms)[:5] == ["total", "content", "style", "tv", "style:relu1_1"]
+    assert set(terms) == {"total", "content", "style", "tv", "style:relu1_1", "style:relu2_1"}
+    ref_style = ref_style_paper if norm == "paper" else ref_style_target
+    e1 = ref_style(_np(feats["relu1_1"]), _np(style_src["relu1_1"]))
+    e2 = ref_style(_np(feats["relu2_1"]), _np(style_src["relu2_1"]))
+    content = ref_content(_np(feats["relu4_2"]), _np(content_t["relu4_2"]), norm)
+    tv = ref_tv(_np(image), norm)
+    np.testing.assert_allclose(_np(terms["style:relu1_1"]), e1, rtol=1e-10)
+    np.testing.assert_allclose(_np(terms["style:relu2_1"]), e2, rtol=1e-10)
+    np.testing.assert_allclose(_np(terms["content"]), content, rtol=1e-10)
+    np.testing.assert_allclose(_np(terms["style"]), 0.25 * e1 + 0.75 * e2, rtol=1e-10)
+    np.testing.assert_allclose(_np(terms["tv"]), tv, rtol=1e-10)
+    want_total = 0.7 * content + 13.0 * (0.25 * e1 + 0.75 * e2) + 2.5 * tv
+    np.testing.assert_allclose(_np(total), want_total, rtol=1e-10)
+    assert torch.equal(terms["total"], total)
+
+
+def test_gatys_loss_averages_several_content_layers():
+    """Current behaviour: with several content layers the content term is their mean."""
+    image = torch.rand(1, 3, 4, 4, dtype=torch.float64)
+    feats = {"relu1_1": _rand(1, 2, 4, 4, seed=20), "relu2_1": _rand(1, 3, 2, 2, seed=21)}
+    targets = {"relu1_1": _rand(1, 2, 4, 4, seed=22), "relu2_1": _rand(1, 3, 2, 2, seed=23)}
+    w = LossWeights(content=1.0, style=0.0, tv=0.0, style_layers={}, content_layers=("relu1_1", "relu2_1"), normalization="paper")
+    _, terms = GatysLoss(w, targets, {})(feats, image)
+    per_layer = [ref_content(_np(feats[k]), _np(targets[k]), "paper")[0] for k in ("relu1_1", "relu2_1")]
+    assert terms["content"].item() == pytest.approx(sum(per_layer) / 2, rel=1e-10)
+    assert terms["tv"].item() == 0.0  # gamma = 0: tv not computed, reported as 0
+
+
+# --- gradients -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_gradcheck_content_loss(norm):
+    f = _rand(2, 3, 3, 4, seed=30).requires_grad_(True)
+    p = _rand(1, 3, 3, 4, seed=31)
+    assert torch.autograd.gradcheck(lambda x: losses.content_loss(x, p, norm), (f,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_gradcheck_style_layer_loss(norm):
+    f = _rand(2, 3, 3, 4, seed=32, positive=True).requires_grad_(True)
+    a = losses.mean_gram(_rand(1, 3, 5, 2, seed=33, positive=True))
+    assert torch.autograd.gradcheck(lambda x: losses.style_layer_loss(x, a, norm), (f,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_gradcheck_tv_loss(norm):
+    x = _rand(2, 3, 4, 5, seed=34).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: losses.tv_loss(t, norm), (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_gradcheck_gatys_loss_through_features(norm):
+    """The composite loss differentiates correctly w.r.t. features and the image (tv)."""
+    fa = _rand(1, 3, 4, 4, seed=35, positive=True).requires_grad_(True)
+    img = _rand(1, 3, 4, 4, seed=36).requires_grad_(True)
+    w = LossWeights(content=0.5, style=3.0, tv=0.2, style_layers={"relu1_1": 1.0}, content_layers=("relu1_1",), normalization=norm)
+    loss = GatysLoss(w, {"relu1_1": _rand(1, 3, 4, 4, seed=37)}, {"relu1_1": losses.mean_gram(_rand(1, 3, 4, 4, seed=38))})
+    assert torch.autograd.gradcheck(lambda f, x: loss({"relu1_1": f}, x)[0], (fa, img), eps=1e-6, atol=1e-6)
+
+
+# --- invariances -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_style_loss_ignores_a_spatial_permutation_of_positions(norm):
+    f = _rand(1, 6, 5, 7, seed=40, positive=True)
+    a = losses.mean_gram(_rand(1, 6, 5, 7, seed=41, positive=True))
+    perm = torch.randperm(35, generator=torch.Generator().manual_seed(42))
+    shuffled = f.reshape(1, 6, 35)[..., perm].reshape(1, 6, 5, 7)
+    assert not torch.equal(shuffled, f)
+    assert losses.style_layer_loss(shuffled, a, norm).item() == pytest.approx(losses.style_layer_loss(f, a, norm).item(), rel=1e-12)
+    # ... while the content loss does see where things are
+    assert losses.content_loss(shuffled, f, norm).item() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def random_vgg():
+    from nst_core import network
+
+    return network.load_network("random:0", device="cpu")
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+def test_style_loss_is_zero_for_the_style_image_itself(random_vgg, norm):
+    """Through the real (random-weight) VGG-19: E_l(style image) = 0 at every default layer."""
+    from nst_core import engine, images
+    from nst_core.params import DEFAULT_STYLE_LAYERS
+
+    style = images.resized_tensor(images.load_image(sample_image("starry_night.jpg")), long_side=64)
+    other = images.resized_tensor(images.load_image(sample_image("tubingen.jpg")), long_side=64)
+    targets = engine.style_targets(random_vgg, style, DEFAULT_STYLE_LAYERS)
+    for name in DEFAULT_STYLE_LAYERS:
+        # scale of the paper form: sum (A/M)^2 / (4 N^2), so tolerances are relative in both forms
+        scale = 1.0 if norm == "target" else float(targets[name].square().sum()) / (4 * targets[name].shape[-1] ** 2)
+        own = random_vgg.features(style.unsqueeze(0), [name])[name]
+        assert losses.style_layer_loss(own, targets[name], norm).item() <= 1e-9 * scale, name
+        photo = random_vgg.features(other.unsqueeze(0), [name])[name]
+        assert losses.style_layer_loss(photo, targets[name], norm).item() > 1e-3 * scale, name
