@@ -1,7 +1,8 @@
 """Seconds per iteration: this engine against a plain, tutorial-style reference loop.
 
     .venv/bin/python benchmarks/engine.py                       # 64/128/256 px (+512 on CUDA)
-    .venv/bin/python benchmarks/engine.py --sizes 64,128 --iterations 10 --json bench.json
+    .venv/bin/python benchmarks/engine.py --sizes 128,256 --skip-reference --json bench.json   # engine vs trunk only
+    .venv/bin/python benchmarks/engine.py --threads 1           # one core (steadier on a shared machine)
     .venv/bin/python benchmarks/engine.py --quality             # also the quality criterion at 256 px
     .venv/bin/python benchmarks/engine.py --precision fp32      # the engine without bf16 convolutions
 
@@ -17,10 +18,10 @@ content image stylised with one style image, random weights (no download).
   ``nn.Sequential`` after the chosen layers, and runs ``torch.optim.LBFGS``
   with a closure that clamps the image. One image at a time.
 
-Columns: s/it is the steady-state time per loss evaluation (forward + backward
-+ optimiser step), measured between the first and the last evaluation; s/image
-is the whole call for ``--iterations`` evaluations, set-up included (network
-build, resizing, targets). Ratios are reference / engine.
+Columns: s/it is the time per loss evaluation (forward + backward + optimiser
+step), measured between the first and the last evaluation; s/image is the whole
+call for ``--reference-iterations`` evaluations on both sides, set-up included
+(network build, resizing, targets). Ratios are reference / engine.
 
 The trunk against the engine (the hardware's limit): the project's own VGG-19 trunk up to
 relu5_1 alone (forward and input-gradient backward, no loss, no optimiser) in every layout and
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     print(f"device: {device} ({name}); torch {torch.__version__}, {torch.get_num_threads()} CPU threads; images: {label}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (timings need an otherwise idle machine)")
-    print(f"{args.iterations} evaluations per run; weights {WEIGHTS}; engine precision {PRECISION} -> {resolve_precision(PRECISION, device)}, reference fp32; engine defaults otherwise (lbfgs, avg pooling)", flush=True)
+    print(f"{args.reference_iterations} evaluations per run against the reference, {args.iterations} for the steady state; weights {WEIGHTS}; engine precision {PRECISION} -> {resolve_precision(PRECISION, device)}, reference fp32; engine defaults otherwise (lbfgs, avg pooling)", flush=True)
     load_network(WEIGHTS, device=device)  # the engine's network is cached before anything is timed
     peak = measure_peak(device)
     print("peak measured here (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in peak.items()), flush=True)
@@ -369,10 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             time_engine(content, style, size, 2, device)  # also makes the engine's execution choice for this shape
             if not args.skip_reference:
                 time_reference(content, style, size, 2, device)
-        engine = time_engine(content, style, size, args.iterations, device, args.steady)
-        trunks = time_trunks(engine["shape"], device)
+        steady = time_engine(content, style, size, args.iterations, device, args.steady)
+        trunks = time_trunks(steady["shape"], device)
+        row = {"size": size, "engine_steady": steady, "trunks": trunks, **against_trunk(steady, trunks, peak["peak"])}
+        # Against the reference: both sides make the same number of evaluations.
+        engine = time_engine(content, style, size, args.reference_iterations, device)
         reference = None if args.skip_reference else time_reference(content, style, size, args.reference_iterations, device)
-        row = {"size": size, "engine": engine, "reference": reference, "trunks": trunks, **against_trunk(engine, trunks, peak["peak"])}
+        row.update(engine=engine, reference=reference)
         if reference:
             row["ratio_per_iteration"] = reference["s_per_iteration"] / engine["s_per_iteration"]
             row["ratio_per_image"] = reference["s_per_image"] / engine["s_per_image"]
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     for row in rows:
-        e = row["engine"]
+        e = row["engine_steady"]
         print(f"{row['size']:>5} px, {e['shape'][2]}x{e['shape'][3]}: the bare trunk (forward + input-gradient backward, no loss):")
         for trunk in row["trunks"]:
             print(f"        {trunk['precision']} {trunk['layout']:<13} {trunk['s_per_pass'] * 1e3:8.1f} ms  {trunk['tflops']:.3f} TFLOP/s = {trunk['tflops'] / peak['peak']:.1%} of the peak")

@@ -135,12 +135,15 @@ def bf16_trunk(trunk: VGGFeatures) -> VGGFeatures:
     The normalisation's mean and std stay float32, as in the original.
     """
     key = id(trunk)
-    with _LOCK:
-        if key not in _BF16:
-            copy = deepcopy(trunk).to(torch.bfloat16)
-            copy.mean, copy.std = trunk.mean.clone(), trunk.std.clone()
-            _BF16[key] = (trunk, copy)  # the original is kept alive with it, so its id is never reused
-        return _BF16[key][1]
+    found = _BF16.get(key)  # every pass comes here: no lock (another device's measurement may hold it for seconds)
+    if found is None:
+        with _LOCK:
+            if key not in _BF16:
+                copy = deepcopy(trunk).to(torch.bfloat16)
+                copy.mean, copy.std = trunk.mean.clone(), trunk.std.clone()
+                _BF16[key] = (trunk, copy)  # the original is kept alive with it, so its id is never reused
+            found = _BF16[key]
+    return found[1]
 
 
 _CHOICES: dict[tuple[object, ...], Execution] = {}
@@ -201,10 +204,11 @@ def clear_choices() -> None:
 def _compiled(trunk: VGGFeatures) -> Callable[..., dict[str, Tensor]]:
     """``trunk`` compiled by inductor, once per module."""
     key = id(trunk)
-    with _LOCK:
-        if key not in _COMPILED:
-            _COMPILED[key] = (trunk, torch.compile(trunk))
-        return _COMPILED[key][1]
+    found = _COMPILED.get(key)
+    if found is None:
+        with _LOCK:
+            found = _COMPILED.setdefault(key, (trunk, torch.compile(trunk)))
+    return found[1]
 
 
 def _sync(device: torch.device) -> None:
