@@ -86,15 +86,16 @@ def fastest(timings: Mapping[Execution, float], margin: float = MARGIN) -> Execu
     return best if timings[best] < (1.0 - margin) * timings[default] else default
 
 
-def shape_class(shape: Sequence[int]) -> tuple[int, int]:
-    """``(batch, long side)``: the shapes that share one measurement.
+def shape_class(shape: Sequence[int]) -> int:
+    """The long side of a batch ``[B, 3, H, W]``: the shapes that share one measurement.
 
     The engine resizes every content image to the long side ``size``, so the images of a run differ
     only in aspect ratio, which does not change which layout is fastest enough to pay for measuring
-    every exact shape.
+    every exact shape. The batch size is left out on purpose: an item's result must not depend on
+    its batch (batched equals alone, ``nst_core.engine.optimise``), and two layouts round the
+    convolutions differently, so a batch and its items alone must run in the same layout.
     """
-    batch, _, height, width = shape
-    return batch, max(height, width)
+    return max(shape[-2], shape[-1])
 
 
 def configure_backends(device: torch.device) -> None:
