@@ -2,10 +2,10 @@
 chosen by a short measurement, never assumed.
 
 Which layout is fastest depends on the machine, not on the code: on one 2-core Xeon with
-AVX512-BF16/AMX a bf16 forward+backward ran 2x faster channels-last than NCHW (issue 14), on the
-2-core AMD EPYC (AVX512-BF16) that built this the two were within 5 % of each other (and fp32
-channels-last was 5-10 % slower), and on CUDA channels-last is what the bf16 tensor-core kernels
-want. So :func:`choose_execution`, when a network is first used on a device for a shape class,
+AVX512-BF16/AMX a bf16 forward+backward ran 2x faster channels-last than NCHW (issue 14); on the
+2-core AMD EPYC (AVX512-BF16) that built this, from equal to 2x faster depending on size and run
+(at 256 px: 412 against 828 ms in one run), fp32 channels-last 5-10 % slower; on CUDA
+channels-last is what the bf16 tensor-core kernels want. So :func:`choose_execution`, when a network is first used on a device for a shape class,
 times one forward and input-gradient backward per candidate (:func:`candidates`) and keeps the
 fastest (:func:`fastest`) for the rest of the process. The choice is in
 :attr:`nst_core.engine.StyleResult.execution` and ``meta.json``'s ``execution``.
