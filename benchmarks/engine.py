@@ -38,6 +38,7 @@ and fp32, the best of them), with the fraction of it the trunk and the engine re
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -98,7 +99,7 @@ def time_engine(content: Image.Image, style: Image.Image, size: int, iterations:
     return {
         "s_per_iteration": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), "s_per_image": total, "evaluations": len(stamps),
         "s_per_iteration_steady": (tail[-1] - tail[0]) / max(len(tail) - 1, 1), "steady_evaluations": len(tail) - 1,
-        "s_per_iteration_steady_min": min((b - a for a, b in zip(tail, tail[1:])), default=math.nan),
+        "s_per_iteration_steady_min": min((b - a for a, b in itertools.pairwise(tail)), default=math.nan),
         "execution": result.execution, "precision": result.precision, "shape": [1, 3, *result.image.shape[-2:]],
     }  # fmt: skip
 
@@ -148,10 +149,10 @@ def measure_peak(device: torch.device, repeats: int = 5) -> dict[str, float]:
         if tag == "bf16" and not native_bf16(device):
             continue
         a, b = torch.rand(n, n, device=device, dtype=dtype), torch.rand(n, n, device=device, dtype=dtype)
-        found[f"matmul_{tag}"] = 2 * n**3 / _best_time(lambda: a @ b, device, repeats) / 1e12
+        found[f"matmul_{tag}"] = 2 * n**3 / _best_time(lambda a=a, b=b: a @ b, device, repeats) / 1e12
         x = torch.rand(1, 256, side, side, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         w = torch.rand(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        found[f"conv_{tag}"] = 2 * 256 * 256 * 9 * side * side / _best_time(lambda: F.conv2d(x, w, padding=1), device, repeats) / 1e12
+        found[f"conv_{tag}"] = 2 * 256 * 256 * 9 * side * side / _best_time(lambda x=x, w=w: F.conv2d(x, w, padding=1), device, repeats) / 1e12
     found["peak"] = max(found.values())
     return found
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import sample_image
+
 from nst_core import execution, images, items, stylize
 from nst_core.execution import EAGER_NCHW, Execution, candidates, fastest, shape_class
 from nst_core.losses import gram_matrix
