@@ -1,7 +1,8 @@
 """Seconds per iteration: this engine against a plain, tutorial-style reference loop.
 
     .venv/bin/python benchmarks/engine.py                       # 64/128/256 px (+512 on CUDA)
-    .venv/bin/python benchmarks/engine.py --sizes 64,128 --iterations 10 --json bench.json
+    .venv/bin/python benchmarks/engine.py --sizes 128,256 --skip-reference --json bench.json   # engine vs trunk only
+    .venv/bin/python benchmarks/engine.py --threads 1           # one core (steadier on a shared machine)
     .venv/bin/python benchmarks/engine.py --quality             # also the quality criterion at 256 px
     .venv/bin/python benchmarks/engine.py --precision fp32      # the engine without bf16 convolutions
 
@@ -17,22 +18,27 @@ content image stylised with one style image, random weights (no download).
   ``nn.Sequential`` after the chosen layers, and runs ``torch.optim.LBFGS``
   with a closure that clamps the image. One image at a time.
 
-Columns: s/it is the steady-state time per loss evaluation (forward + backward
-+ optimiser step), measured between the first and the last evaluation; s/image
-is the whole call for ``--iterations`` evaluations, set-up included (network
-build, resizing, targets). Ratios are reference / engine.
+Columns: s/it is the time per loss evaluation (forward + backward + optimiser
+step), measured between the first and the last evaluation; s/image is the whole
+call for ``--reference-iterations`` evaluations on both sides, set-up included
+(network build, resizing, targets). Ratios are reference / engine.
 
-Convolutions: the network's forward and input-gradient backward alone (no
-loss, no optimiser), at the engine's precision, timed and turned into
-achieved TFLOP/s (2 x multiply-adds of every conv up to relu5_1, twice: the
-backward computes the input gradient only, the weights are frozen) and, on a
-GPU whose dense bf16 peak is known (``PEAK_BF16_TFLOPS``, or ``--peak-tflops``),
-the fraction of that peak.
+The trunk against the engine (the hardware's limit): the project's own VGG-19 trunk up to
+relu5_1 alone (forward and input-gradient backward, no loss, no optimiser) in every layout and
+precision (``nst_core.execution.time_pass``), against the engine's steady-state iteration (the
+fastest of the last ``--steady`` evaluations of the run, as the trunk's figure is its fastest pass; with 110 evaluations the L-BFGS history is
+full, as in most of a 300-iteration run). Printed: each trunk's ms and achieved TFLOP/s (2 x
+multiply-adds of every conv up to relu5_1, twice: the backward computes the input gradient only,
+the weights are frozen), the engine's iteration, its ratio to the fastest trunk at its precision,
+the time outside the trunk (the engine's iteration minus the trunk in the layout the engine
+chose), and the device's peak measured in the same run by matmul and conv microbenchmarks (bf16
+and fp32, the best of them), with the fraction of it the trunk and the engine reach.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -51,18 +57,18 @@ sys.path.insert(0, str(REPO))
 
 import nst_samples  # noqa: E402
 from nst_core import engine as nst_engine  # noqa: E402
-from nst_core import images, quality, stylize  # noqa: E402
-from nst_core.network import load_network, resolve_device, resolve_precision  # noqa: E402
+from nst_core import (  # noqa: E402
+    execution,  # noqa: E402
+    images,
+    quality,
+    stylize,
+)
+from nst_core.network import load_network, native_bf16, resolve_device, resolve_precision  # noqa: E402
 from nst_core.params import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams  # noqa: E402
 
 WEIGHTS = "random:0"
 PRECISION = "auto"  # the engine's precision parameter (--precision)
 
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; matched by substring of the name.
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
-    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
-}  # fmt: skip
 
 
 def sample_images() -> tuple[Image.Image, Image.Image, str]:
@@ -84,17 +90,23 @@ def _sync(device: torch.device) -> None:
 # --- this engine ----------------------------------------------------------------------------------
 
 
-def time_engine(content: Image.Image, style: Image.Image, size: int, iterations: int, device: torch.device) -> dict[str, float]:
+def time_engine(content: Image.Image, style: Image.Image, size: int, iterations: int, device: torch.device, steady: int = 10) -> dict[str, object]:
     # tolerance=0: exactly `iterations` evaluations (no early stop), like the reference
     params = StyleParams(size=size, iterations=iterations, weights=WEIGHTS, device=str(device), progress_every=1, tolerance=0, precision=PRECISION)
     network = load_network(WEIGHTS, pooling=params.pooling, device=device)  # cached: loaded once per process
     stamps: list[float] = []
     _sync(device)
     start = time.perf_counter()
-    stylize(content, style, params, network=network, callback=lambda info: stamps.append(time.perf_counter()))
+    result = stylize(content, style, params, network=network, callback=lambda info: stamps.append(time.perf_counter()))
     _sync(device)
     total = time.perf_counter() - start
-    return {"s_per_iteration": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), "s_per_image": total, "evaluations": len(stamps)}
+    tail = stamps[-(min(steady, len(stamps) - 1) + 1):]
+    return {
+        "s_per_iteration": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), "s_per_image": total, "evaluations": len(stamps),
+        "s_per_iteration_steady": (tail[-1] - tail[0]) / max(len(tail) - 1, 1), "steady_evaluations": len(tail) - 1,
+        "s_per_iteration_steady_min": min((b - a for a, b in itertools.pairwise(tail)), default=math.nan),
+        "execution": result.execution, "precision": result.precision, "shape": [1, 3, *result.image.shape[-2:]],
+    }  # fmt: skip
 
 
 # --- the convolutions alone ------------------------------------------------------------------------
@@ -120,37 +132,61 @@ def conv_flops(network, height: int, width: int) -> float:
     return sum(counted)
 
 
-def time_convolutions(content: Image.Image, size: int, device: torch.device, peak_tflops: float | None, repeats: int = 10) -> dict[str, object]:
-    """Forward + input-gradient backward of the network alone, at the engine's precision."""
-    precision = resolve_precision(PRECISION, device)
-    network = load_network(WEIGHTS, device=device).at_precision(precision)
-    x = images.resized_tensor(content, long_side=size).unsqueeze(0).to(device).requires_grad_(True)
-    flops = 2 * conv_flops(network, x.shape[2], x.shape[3])  # forward + the backward's input gradient
+def time_trunks(shape: list[int], device: torch.device, repeats: int = 5) -> list[dict[str, object]]:
+    """The bare trunk (forward + input-gradient backward, no loss) in each layout and precision tried."""
+    network = load_network(WEIGHTS, device=device)
+    flops = 2 * conv_flops(network, shape[2], shape[3]) * shape[0]  # forward + the backward's input gradient
+    precisions = ["fp32"] + (["bf16"] if native_bf16(device) or PRECISION == "bf16" else [])
+    rows = []
+    for precision in precisions:
+        for layout in execution.LAYOUTS:
+            seconds = execution.time_pass(network.at_precision(precision), execution.Execution(layout), shape, LAYERS, repeats)
+            rows.append({"precision": precision, "layout": layout, "s_per_pass": seconds, "gflop": flops / 1e9, "tflops": flops / seconds / 1e12})
+    return rows
 
-    def step() -> None:
-        feats = nst_engine.features(network, x, LAYERS)
-        torch.autograd.grad(sum(f.float().square().mean() for f in feats.values()), x)
 
-    for _ in range(3):
-        step()
-    _sync(device)
-    start = time.perf_counter()
+def measure_peak(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """The device's dense throughput, TFLOP/s, measured here: square matmuls and a conv of conv3_1's shape."""
+    n = 4096 if device.type == "cuda" else 1024
+    side = 128 if device.type == "cuda" else 64
+    found: dict[str, float] = {}
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        if tag == "bf16" and not native_bf16(device):
+            continue
+        a, b = torch.rand(n, n, device=device, dtype=dtype), torch.rand(n, n, device=device, dtype=dtype)
+        found[f"matmul_{tag}"] = 2 * n**3 / _best_time(lambda a=a, b=b: a @ b, device, repeats) / 1e12
+        x = torch.rand(1, 256, side, side, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.rand(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        found[f"conv_{tag}"] = 2 * 256 * 256 * 9 * side * side / _best_time(lambda x=x, w=w: F.conv2d(x, w, padding=1), device, repeats) / 1e12
+    found["peak"] = max(found.values())
+    return found
+
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    best = math.inf
     for _ in range(repeats):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / repeats
-    tflops = flops / seconds / 1e12
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def against_trunk(engine: dict[str, object], trunks: list[dict[str, object]], peak_tflops: float) -> dict[str, object]:
+    """The engine's steady iteration against the bare trunk at its precision: ratio, time outside, fraction of the peak."""
+    same = [t for t in trunks if t["precision"] == engine["precision"]]
+    fastest = min(same, key=lambda t: t["s_per_pass"])
+    chosen = next(t for t in same if t["layout"] == str(engine["execution"]).split("|")[-1].split("+")[0])
+    # The fastest of the last evaluations, as the trunk's figure is its fastest pass: on a shared
+    # machine both minima approach the unloaded time, where a mean would charge the load to the engine.
+    steady = float(engine["s_per_iteration_steady_min"])  # type: ignore[arg-type]
     return {
-        "precision": precision, "gflop_per_iteration": flops / 1e9, "s_per_pass": seconds, "tflops": tflops,
-        "peak_bf16_tflops": peak_tflops, "fraction_of_peak": None if not peak_tflops else tflops / peak_tflops,
+        "fastest_trunk_layout": fastest["layout"], "ratio_to_fastest_trunk": steady / fastest["s_per_pass"],
+        "outside_trunk_s": steady - chosen["s_per_pass"], "outside_trunk_fraction": (steady - chosen["s_per_pass"]) / steady,
+        "engine_fraction_of_peak": chosen["gflop"] * 1e9 / steady / 1e12 / peak_tflops,
     }  # fmt: skip
-
-
-def peak_bf16(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 # --- the reference: tutorial style, written out plainly ----------------------------------------------
@@ -307,7 +343,9 @@ def measure_quality(content: Image.Image, style: Image.Image, size: int, device:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=None, help="comma-separated long sides (default: 64,128,256, plus 512 on CUDA)")
-    parser.add_argument("--iterations", type=int, default=20, help="loss evaluations per run (default 20)")
+    parser.add_argument("--iterations", type=int, default=110, help="loss evaluations per run (default 110: the L-BFGS history is full after 100)")
+    parser.add_argument("--steady", type=int, default=10, help="the engine's steady-state iteration: the mean of its last this many evaluations")
+    parser.add_argument("--reference-iterations", type=int, default=20, help="loss evaluations of the reference loop's run (default 20)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, the core count)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the short untimed run of each side per size")
@@ -315,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", action="store_true", help="also run the defaults (300 iterations) at --quality-size and report the quality criterion (on by default on CUDA)")
     parser.add_argument("--quality-size", type=int, default=256)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="the engine's precision parameter (the reference is always fp32)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s (default: looked up by GPU name)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
 
@@ -324,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    peak = args.peak_tflops or peak_bf16(device)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [64, 128, 256] + ([512] if device.type == "cuda" else [])
     if args.iterations < 2:
         parser.error("--iterations must be at least 2 (s/it is measured between evaluations)")
@@ -333,18 +369,28 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     print(f"device: {device} ({name}); torch {torch.__version__}, {torch.get_num_threads()} CPU threads; images: {label}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (timings need an otherwise idle machine)")
-    print(f"{args.iterations} evaluations per run; weights {WEIGHTS}; engine precision {PRECISION} -> {resolve_precision(PRECISION, device)}, reference fp32; engine defaults otherwise (lbfgs, avg pooling)", flush=True)
+    print(f"{args.reference_iterations} evaluations per run against the reference, {args.iterations} for the steady state; weights {WEIGHTS}; engine precision {PRECISION} -> {resolve_precision(PRECISION, device)}, reference fp32; engine defaults otherwise (lbfgs, avg pooling)", flush=True)
     load_network(WEIGHTS, device=device)  # the engine's network is cached before anything is timed
+    peak = measure_peak(device)
+    print("peak measured here (TFLOP/s): " + ", ".join(f"{k} {v:.3f}" for k, v in peak.items()), flush=True)
 
     rows = []
     for size in sizes:
         if not args.no_warmup:
-            time_engine(content, style, size, 2, device)
+            time_engine(content, style, size, 2, device)  # also makes the engine's execution choice for this shape
             if not args.skip_reference:
                 time_reference(content, style, size, 2, device)
-        engine = time_engine(content, style, size, args.iterations, device)
-        reference = None if args.skip_reference else time_reference(content, style, size, args.iterations, device)
-        row = {"size": size, "engine": engine, "reference": reference, "convolutions": time_convolutions(content, size, device, peak)}
+        shape = [1, 3, *nst_engine.output_size(content, size)]
+        before = time_trunks(shape, device)
+        steady = time_engine(content, style, size, args.iterations, device, args.steady)
+        # The trunk timed before and after the engine, the faster kept: a machine whose load drifts
+        # during the engine's run then biases the ratio against the engine, never for it.
+        trunks = [min(b, a, key=lambda t: t["s_per_pass"]) for b, a in zip(before, time_trunks(shape, device))]
+        row = {"size": size, "engine_steady": steady, "trunks": trunks}
+        # Against the reference: both sides make the same number of evaluations.
+        engine = time_engine(content, style, size, args.reference_iterations, device)
+        reference = None if args.skip_reference else time_reference(content, style, size, args.reference_iterations, device)
+        row.update(engine=engine, reference=reference)
         if reference:
             row["ratio_per_iteration"] = reference["s_per_iteration"] / engine["s_per_iteration"]
             row["ratio_per_image"] = reference["s_per_image"] / engine["s_per_image"]
@@ -364,10 +410,21 @@ def main(argv: list[str] | None = None) -> int:
                 f" | {e['s_per_image']:>14.2f} | {r['s_per_image']:>11.2f} | {row['ratio_per_image']:>5.2f}x"
             )
 
+    again = measure_peak(device)  # the peak is the best seen: measured before and after the rest
+    peak = {k: max(v, again[k]) for k, v in peak.items()}
+    print("peak measured again at the end (TFLOP/s), the best of the two counts: " + ", ".join(f"{k} {v:.3f}" for k, v in again.items()))
     for row in rows:
-        c = row["convolutions"]
-        share = f", {c['fraction_of_peak']:.1%} of the {c['peak_bf16_tflops']:g} TFLOP/s dense bf16 peak" if c["fraction_of_peak"] else ""
-        print(f"{row['size']:>5} px convolutions ({c['precision']}): {c['gflop_per_iteration']:.2f} GFLOP per forward+backward, {c['s_per_pass'] * 1e3:.2f} ms -> {c['tflops']:.2f} TFLOP/s{share}")
+        row.update(against_trunk(row["engine_steady"], row["trunks"], peak["peak"]))
+    for row in rows:
+        e = row["engine_steady"]
+        print(f"{row['size']:>5} px, {e['shape'][2]}x{e['shape'][3]}: the bare trunk (forward + input-gradient backward, no loss):")
+        for trunk in row["trunks"]:
+            print(f"        {trunk['precision']} {trunk['layout']:<13} {trunk['s_per_pass'] * 1e3:8.1f} ms  {trunk['tflops']:.3f} TFLOP/s = {trunk['tflops'] / peak['peak']:.1%} of the peak")
+        print(
+            f"      engine ({e['precision']}, {e['execution']}): {e['s_per_iteration_steady_min'] * 1e3:.1f} ms per iteration (fastest of the last {e['steady_evaluations']} of {e['evaluations']}; mean {e['s_per_iteration_steady'] * 1e3:.1f}) = "
+            f"{row['ratio_to_fastest_trunk']:.2f}x the fastest {e['precision']} trunk ({row['fastest_trunk_layout']}); outside the trunk "
+            f"{row['outside_trunk_s'] * 1e3:.1f} ms = {row['outside_trunk_fraction']:.0%} of the iteration; {row['engine_fraction_of_peak']:.1%} of the peak"
+        )
 
     result = {
         "load_average_after": os.getloadavg(),
@@ -378,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "iterations": args.iterations,
+        "peak_tflops": peak,
         "weights": WEIGHTS,
         "images": label,
         "rows": rows,

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from nst_core import color, images
 from nst_core.errors import ImageError
+from nst_core.execution import choose_execution, features
 from nst_core.layers import min_image_side
 from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
 from nst_core.network import Network, load_network, resolve_device, resolve_precision
@@ -72,6 +73,7 @@ class StyleResult:
     weights_id: str
     params: StyleParams
     precision: str = "fp32"  # how the network computed: "fp32" or "bf16" (params.precision resolved on the device)
+    execution: str = "nchw"  # how the trunk ran, measured per device and shape (nst_core.execution); "a|b" per stage
     stop_reason: str = "iterations"
     extra: dict[str, object] = field(default_factory=dict)
     snapshots: list[tuple[int, Image.Image]] = field(default_factory=list)  # (iteration, image) every save_every
@@ -187,23 +189,6 @@ def _rows(iteration: int, terms: dict[str, Tensor]) -> Tensor:
     return torch.stack([it, *values]).detach()
 
 
-def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str]) -> dict[str, Tensor]:
-    """The network's features of ``x``, computed at ``network.precision``.
-
-    ``bf16``: the convolutions run in bfloat16 under autocast (on CUDA in the
-    channels-last layout its bf16 kernels prefer) and the features come back
-    as float32, so Gram matrices, loss sums and the pixels stay float32.
-    Only float32 inputs are cast; float64 (the exactness tests) runs as given.
-    """
-    if network.precision != "bf16" or x.dtype != torch.float32:
-        return network.features(x, layers)
-    if network.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)  # on the CPU, channels-last measured slower
-    with torch.autocast(network.device.type, dtype=torch.bfloat16):
-        feats = network.features(x, layers)
-    return {name: f.float() for name, f in feats.items()}
-
-
 @dataclass
 class Optimised:
     """What :func:`optimise` returns for a batch."""
@@ -215,6 +200,7 @@ class Optimised:
     wall_time_s: float
     image_iterations: list[int] = field(default_factory=list)  # per item: the iteration whose image is returned
     divergences: list[list[int]] = field(default_factory=list)  # per item: iterations the divergence guard fired at
+    execution: str = "nchw"  # how the trunk ran (nst_core.execution.choose_execution)
 
 
 def optimise(
@@ -279,6 +265,7 @@ def optimise(
     layers = loss_fn.weights.layers
     x = init.detach().to(network.device, dtype).clone().requires_grad_(True)
     batch = x.shape[0]
+    execution = choose_execution(network, x.shape, layers, x.dtype)
     optimizer = make_optimizer(params.optimizer, x, params.effective_lr)
     guard = divergence_factor is not None and hasattr(optimizer, "reset")
     names: list[str] = []
@@ -288,12 +275,13 @@ def optimise(
     best_iteration = torch.full((batch,), first_iteration, dtype=torch.long, device=x.device)
     fired: list[Tensor] = []  # per iteration, [B] bool: the guard reset the item (kept on the device)
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
+    all_active = True  # known on the host: ``active`` changes only where the tolerance check synchronises anyway
     stop_at = [n_iterations] * batch
     reasons = ["iterations"] * batch
     last = first_iteration + n_iterations - 1
     for k, i in enumerate(range(first_iteration, last + 1), start=1):
         with torch.enable_grad():
-            total, terms = loss_fn(features(network, x, layers), x)
+            total, terms = loss_fn(features(network, x, layers, execution), x)
             (grad,) = torch.autograd.grad(total.sum(), x)
         names = names or list(terms)
         steps.append(_rows(i, terms))
@@ -309,7 +297,7 @@ def optimise(
             # The best so far per item (a NaN loss is never best; a stopped item's best stays as it was).
             improved = active & ((loss < best[-1]) | (best[-1].isnan() & ~loss.isnan())) if best else torch.ones_like(active)
             best.append(torch.where(improved, loss, best[-1]) if best else loss)
-            best_image.copy_(torch.where(improved[:, None, None, None], x.detach(), best_image))
+            torch.where(improved[:, None, None, None], x.detach(), best_image, out=best_image)
             best_iteration = torch.where(improved, torch.full_like(best_iteration, i), best_iteration)
         if params.tolerance > 0 and k > TOLERANCE_WINDOW and k % TOLERANCE_WINDOW == 0:
             # The best loss so far, now and a window ago: a passing uphill step of L-BFGS does not stop an item.
@@ -321,10 +309,12 @@ def optimise(
                     stop_at[b] = k
                     reasons[b] = f"converged: best total loss improved < {params.tolerance:g} over {TOLERANCE_WINDOW} iterations"
             active = active & ~converged
-            if not bool(active.any()):
+            still = active.cpu().tolist()
+            all_active = all(still)
+            if not any(still):
                 break
         if k < n_iterations:
-            frozen = x.detach()[~active].clone() if not bool(active.all()) else None
+            frozen = None if all_active else x.detach()[~active].clone()
             optimizer.step(x, grad)
             if frozen is not None:
                 with torch.no_grad():
@@ -334,7 +324,7 @@ def optimise(
                 # items that diverged are replaced; the others' are left as they are.
                 diverged = active & ((loss > divergence_factor * best[-1]) | ~torch.isfinite(loss))
                 with torch.no_grad():
-                    x.copy_(torch.where(diverged[:, None, None, None], best_image, x.detach()))
+                    torch.where(diverged[:, None, None, None], best_image, x.detach(), out=x.detach())
                 optimizer.reset(diverged)  # type: ignore[union-attr]
                 fired.append(diverged)
     histories = _histories(["iteration", *names], steps, batch)
@@ -342,7 +332,7 @@ def optimise(
     divergences = [[] for _ in range(batch)] if not fired else _fired_at(torch.stack(fired), first_iteration)
     return Optimised(
         best_image, histories, stop_at, reasons, time.perf_counter() - start,
-        image_iterations=best_iteration.cpu().tolist(), divergences=divergences,
+        image_iterations=best_iteration.cpu().tolist(), divergences=divergences, execution=execution.label,
     )  # fmt: skip
 
 
@@ -588,6 +578,7 @@ def stylize_batch(
     divergences: list[list[int]] = [[] for _ in jobs]
     reasons = ["iterations"] * len(jobs)
     image_iterations: list[int] = [0] * len(jobs)
+    executions: list[str] = []  # per stage
     done_iterations = 0
     stage: list[StageInputs] = []
     for long_side, stage_iterations in params.stages:
@@ -611,6 +602,7 @@ def stylize_batch(
         for b, rows in enumerate(run.histories):
             histories[b] += [{**row, "size": long_side} for row in rows] if len(params.stages) > 1 else rows
         reasons = run.stop_reasons
+        executions.append(run.execution)
         image_iterations = run.image_iterations
         for b, fired in enumerate(run.divergences):
             divergences[b] += fired
@@ -626,6 +618,7 @@ def stylize_batch(
             wall_time_s=wall,
             device=str(network.device),
             precision=network.precision,
+            execution="|".join(executions),
             weights_id=network.weights_id,
             params=job.params,
             stop_reason=reasons[b],

@@ -49,10 +49,12 @@ class BatchedLBFGS:
         self.lr = lr
         self.clamp = clamp
         self.history = history
-        self._s: list[Tensor] = []
-        self._y: list[Tensor] = []
-        self._rho: Tensor | None = None  # [history, B] in the gradient's precision; one row per slot
-        self._rows: list[int] = []  # row of self._rho for each slot, oldest first
+        # Ring buffers, allocated at the first pair: s and y ``[history, B, D]``, rho ``[history, B]``
+        # (one buffer each rather than a list of tensors: no allocation per step, and a slot is a view).
+        self._s: Tensor | None = None
+        self._y: Tensor | None = None
+        self._rho: Tensor | None = None
+        self._rows: list[int] = []  # the slots in use, oldest first
         self._h_diag = torch.ones(batch, device=device)
         self._fresh = torch.ones(batch, dtype=torch.bool, device=device)  # no usable history: take a first step
         self._step_scale = torch.ones(batch, device=device)  # per item, halved by every reset
@@ -109,40 +111,46 @@ class BatchedLBFGS:
             self._prev_step = torch.where(items[:, None], torch.zeros_like(self._prev_step), self._prev_step)
 
     def _remember(self, s: Tensor, y: Tensor) -> None:
-        ys = (y * s).sum(1)
+        ys = torch.linalg.vecdot(y, s)
         accepted = ys > _CURVATURE_EPS
         rho = torch.where(accepted, ys.clamp_min(_CURVATURE_EPS).reciprocal(), torch.zeros_like(ys))
-        yy = (y * y).sum(1).clamp_min(1e-30)
+        yy = torch.linalg.vecdot(y, y).clamp_min(1e-30)
         self._h_diag = torch.where(accepted, ys / yy, self._h_diag)
-        # A rejected pair is zeroed too, so a non-finite y (a NaN gradient) cannot leak into the recursion.
-        s = torch.where(accepted[:, None], s, torch.zeros_like(s))
-        y = torch.where(accepted[:, None], y, torch.zeros_like(y))
-        if self._rho is None:
-            self._rho = torch.zeros(self.history, s.shape[0], dtype=s.dtype, device=s.device)
-        if len(self._s) == self.history:
-            self._s.pop(0), self._y.pop(0)
-            row = self._rows.pop(0)
+        if self._s is None or self._y is None or self._rho is None:
+            self._s = s.new_zeros((self.history, *s.shape))
+            self._y = y.new_zeros((self.history, *y.shape))
+            self._rho = s.new_zeros((self.history, s.shape[0]))
+        if len(self._rows) == self.history:
+            row = self._rows.pop(0)  # the oldest slot is overwritten
         else:
             row = len(self._rows)
-        self._s.append(s)
-        self._y.append(y)
+        # A rejected pair is zeroed too, so a non-finite y (a NaN gradient) cannot leak into the recursion.
+        zero = s.new_zeros(())
+        torch.where(accepted[:, None], s, zero, out=self._s[row])
+        torch.where(accepted[:, None], y, zero, out=self._y[row])
         self._rho[row] = rho
         self._rows.append(row)
 
     def _direction(self, g: Tensor) -> Tensor:
-        """-H g by the two-loop recursion, per item."""
+        """-H g by the two-loop recursion, per item.
+
+        Written with one dot product (``vecdot``) and one fused update (``addcmul_``) per slot and
+        loop: over a full history of 100 slots the loops are ~700 kernels, and the unfused form
+        (product, sum, scale, subtract) cost 2-3x more (7.6 ms a step at 128 px on one core).
+        """
         q = -g
+        if self._s is None or self._y is None or self._rho is None:
+            return q * self._h_diag[:, None]
+        s_buf, y_buf, rho_buf = self._s, self._y, self._rho
         alphas: list[Tensor] = []
-        rhos = [self._rho[row] for row in self._rows] if self._rho is not None else []
-        slots = list(zip(self._s, self._y, rhos))
-        for s, y, rho in reversed(slots):
-            alpha = rho * (s * q).sum(1)
-            q = q - alpha[:, None] * y
+        for row in reversed(self._rows):
+            alpha = rho_buf[row] * torch.linalg.vecdot(s_buf[row], q)
+            q.addcmul_(y_buf[row], alpha[:, None], value=-1.0)  # q -= alpha y
             alphas.append(alpha)
-        r = q * self._h_diag[:, None]
-        for (s, y, rho), alpha in zip(slots, reversed(alphas)):
-            beta = rho * (y * r).sum(1)
-            r = r + s * (alpha - beta)[:, None]
+        r = q.mul_(self._h_diag[:, None])
+        for row, alpha in zip(self._rows, reversed(alphas)):
+            beta = rho_buf[row] * torch.linalg.vecdot(y_buf[row], r)
+            r.addcmul_(s_buf[row], (alpha - beta)[:, None])  # r += (alpha - beta) s
         return r
 
 

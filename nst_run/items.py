@@ -81,6 +81,7 @@ def build_meta(
         },
         "device": result.device,
         "precision": result.precision,
+        "execution": result.execution,
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "iterations": result.iterations,
         "stop_reason": result.stop_reason,

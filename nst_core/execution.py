@@ -1,0 +1,217 @@
+"""How the VGG-19 trunk runs on the device at hand: memory layout (and, opt-in, ``torch.compile``),
+chosen by a short measurement, never assumed.
+
+Which layout is fastest depends on the machine, not on the code: on one 2-core Xeon with
+AVX512-BF16/AMX a bf16 forward+backward ran 2x faster channels-last than NCHW (issue 14); on the
+2-core AMD EPYC (AVX512-BF16) that built this, from equal to 2x faster depending on size and run
+(at 256 px: 412 against 828 ms in one run), fp32 channels-last 5-10 % slower; on CUDA
+channels-last is what the bf16 tensor-core kernels want. So :func:`choose_execution`, when a network is first used on a device for a shape class,
+times one forward and input-gradient backward per candidate (:func:`candidates`) and keeps the
+fastest (:func:`fastest`) for the rest of the process. The choice is in
+:attr:`nst_core.engine.StyleResult.execution` and ``meta.json``'s ``execution``.
+
+``torch.compile`` (inductor) is a candidate only when asked for (``NST_TORCH_COMPILE=1``): on the
+2-core CPU it did not pay. At 128 px (bf16, one thread) compiling the trunk's forward+backward took
+89 s, and the compiled pass ran 150-178 ms against eager's 169-173 ms: the compile time alone is
+500+ iterations, and every new image shape compiles again. It is untried on a GPU.
+
+CUDA: cuDNN's autotuner is switched on (:func:`configure_backends`): an optimisation runs hundreds
+of passes of one fixed shape, so one search per shape pays for itself. CUDA graphs of the
+fixed-shape iteration are not used: nothing here could test them on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nst_core.network import LAYER_NAMES, Network, VGGFeatures
+
+LAYOUTS = ("nchw", "channels_last")
+
+MEASURE_REPEATS = 2
+"""Timed passes per candidate (after one untimed pass that warms caches and kernels); the minimum counts."""
+
+MARGIN = 0.05
+"""Another candidate replaces the first (NCHW, eager: PyTorch's default) only when it is this much faster:
+on a machine where two candidates are equal, noise would otherwise pick either from run to run."""
+
+COMPILE_ENV = "NST_TORCH_COMPILE"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One way to run the trunk: a memory layout, eager or compiled."""
+
+    layout: str = "nchw"
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        """What ``meta.json`` records: ``nchw``, ``channels_last``, ``channels_last+compile``."""
+        return self.layout + ("+compile" if self.compiled else "")
+
+
+EAGER_NCHW = Execution()
+
+
+def candidates(dtype: torch.dtype, allow_compile: bool = False) -> list[Execution]:
+    """The ways worth measuring for inputs of ``dtype``, PyTorch's default (NCHW, eager) first.
+
+    Float64 (the exactness tests) runs as given: there is nothing to gain and bits to keep.
+    """
+    if dtype != torch.float32:
+        return [EAGER_NCHW]
+    eager = [Execution(layout) for layout in LAYOUTS]
+    return eager + ([Execution(layout, compiled=True) for layout in LAYOUTS] if allow_compile else [])
+
+
+def fastest(timings: Mapping[Execution, float], margin: float = MARGIN) -> Execution:
+    """The candidate to use given seconds per pass (in :func:`candidates`' order, the first the default).
+
+    The fastest, unless it beats the first by less than ``margin`` (then the first).
+    """
+    if not timings:
+        raise ValueError("no candidates were timed")
+    default = next(iter(timings))
+    best = min(timings, key=lambda e: timings[e])
+    return best if timings[best] < (1.0 - margin) * timings[default] else default
+
+
+def shape_class(shape: Sequence[int]) -> int:
+    """The long side of a batch ``[B, 3, H, W]``: the shapes that share one measurement.
+
+    The engine resizes every content image to the long side ``size``, so the images of a run differ
+    only in aspect ratio, which does not change which layout is fastest enough to pay for measuring
+    every exact shape. The batch size is left out on purpose: an item's result must not depend on
+    its batch (batched equals alone, ``nst_core.engine.optimise``), and two layouts round the
+    convolutions differently, so a batch and its items alone must run in the same layout.
+    """
+    return max(shape[-2], shape[-1])
+
+
+def configure_backends(device: torch.device) -> None:
+    """Backend settings for ``device``: on CUDA, cuDNN's autotuner (fixed shapes; see the module docstring)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str], execution: Execution = EAGER_NCHW) -> dict[str, Tensor]:
+    """The network's features of ``x``, computed at ``network.precision`` in ``execution``'s way.
+
+    ``bf16``: the convolutions run in bfloat16 under autocast and the features come back as
+    float32, so Gram matrices, loss sums and the pixels stay float32. Only float32 inputs are
+    cast or re-laid out; float64 (the exactness tests) runs as given. Channels-last features
+    are returned channels-last (the losses read either layout without a copy).
+    """
+    if x.dtype != torch.float32:
+        return network.features(x, layers)
+    if execution.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if network.precision != "bf16":
+        forward = _compiled(network.features) if execution.compiled else network.features
+        return forward(x, layers)
+    trunk = bf16_trunk(network.features)
+    forward = _compiled(trunk) if execution.compiled else trunk
+    with torch.autocast(network.device.type, dtype=torch.bfloat16):
+        feats = forward(x, layers)
+    return {name: f.float() for name, f in feats.items()}
+
+
+def bf16_trunk(trunk: VGGFeatures) -> VGGFeatures:
+    """``trunk`` with its convolutions' weights in bfloat16 (a copy, made once per module).
+
+    Under autocast the result is the same, bit for bit, as the float32 trunk's (autocast casts
+    each weight to bfloat16 before the convolution; a weight already in bfloat16 is used as it is),
+    but autocast caches its casts only for weights that require a gradient, which frozen ones do
+    not: every pass cast every weight again (8 ms of a 128 px iteration's ~105 ms on one core).
+    The normalisation's mean and std stay float32, as in the original.
+    """
+    key = id(trunk)
+    found = _BF16.get(key)  # every pass comes here: no lock (another device's measurement may hold it for seconds)
+    if found is None:
+        with _LOCK:
+            if key not in _BF16:
+                copy = deepcopy(trunk).to(torch.bfloat16)
+                copy.mean, copy.std = trunk.mean.clone(), trunk.std.clone()  # type: ignore[operator]  # buffers, not Tensor.mean/std
+                _BF16[key] = (trunk, copy)  # the original is kept alive with it, so its id is never reused
+            found = _BF16[key]
+    return found[1]
+
+
+_CHOICES: dict[tuple[object, ...], Execution] = {}
+_COMPILED: dict[int, tuple[VGGFeatures, Callable[..., dict[str, Tensor]]]] = {}
+_BF16: dict[int, tuple[VGGFeatures, VGGFeatures]] = {}
+_LOCK = threading.RLock()
+
+
+def choose_execution(
+    network: Network,
+    shape: Sequence[int],
+    layers: Sequence[str] | frozenset[str],
+    dtype: torch.dtype = torch.float32,
+    allow_compile: bool | None = None,
+) -> Execution:
+    """How to run ``network`` on batches of ``shape`` ``[B, 3, H, W]`` up to ``layers``: measured once per
+    device, precision, pooling, deepest layer and :func:`shape_class` in this process, then cached.
+
+    ``allow_compile`` (default: ``$NST_TORCH_COMPILE`` is ``1``) adds compiled candidates.
+    """
+    configure_backends(network.device)
+    allow = os.environ.get(COMPILE_ENV) == "1" if allow_compile is None else allow_compile
+    options = candidates(dtype, allow)
+    if len(options) == 1:
+        return options[0]
+    deepest = max(layers, key=LAYER_NAMES.index)
+    key = (str(network.device), network.precision, network.features.pooling, deepest, shape_class(shape), allow)
+    with _LOCK:
+        if key in _CHOICES:
+            return _CHOICES[key]
+        # Measured under the lock: two threads on one device would time each other.
+        timings = {option: time_pass(network, option, shape, layers) for option in options}
+        _CHOICES[key] = fastest(timings)
+        return _CHOICES[key]
+
+
+def time_pass(network: Network, execution: Execution, shape: Sequence[int], layers: Sequence[str] | frozenset[str], repeats: int = MEASURE_REPEATS) -> float:
+    """Seconds of one forward and input-gradient backward of the trunk (the fastest of ``repeats``)."""
+    x = torch.rand(tuple(shape), device=network.device).requires_grad_(True)
+    best = math.inf
+    for k in range(repeats + 1):
+        _sync(network.device)
+        start = time.perf_counter()
+        feats = features(network, x, layers, execution)
+        torch.autograd.grad(list(feats.values()), x, [torch.ones_like(f) for f in feats.values()])
+        _sync(network.device)
+        if k > 0:  # the first pass warms up (and compiles)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def clear_choices() -> None:
+    """Forget the measured choices (tests use it to exercise the measurement again)."""
+    with _LOCK:
+        _CHOICES.clear()
+
+
+def _compiled(trunk: VGGFeatures) -> Callable[..., dict[str, Tensor]]:
+    """``trunk`` compiled by inductor, once per module."""
+    key = id(trunk)
+    found = _COMPILED.get(key)
+    if found is None:
+        with _LOCK:
+            found = _COMPILED.setdefault(key, (trunk, torch.compile(trunk)))
+    return found[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,162 @@
+"""How the trunk runs (nst_core.execution) and the exact rewrites of the work around it.
+
+* the choice between layouts is measured once per device and shape class, cached, and said
+  (``StyleResult.execution``, ``meta.json``); float64 is never re-laid out;
+* the decision rule, the candidates and the CUDA backend settings (checked here without a GPU:
+  they are plain functions of the device and the timings);
+* the bf16 weight copy is bit for bit what autocast over the float32 trunk computes;
+* the Gram matrix's one-product backward and its channels-last input equal autograd's own;
+* the L-BFGS ring buffers, past a full history, give the textbook two-loop recursion's steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import sample_image
+
+from nst_core import execution, images, stylize
+from nst_core.execution import EAGER_NCHW, Execution, candidates, fastest, shape_class
+from nst_core.losses import gram_matrix
+from nst_core.network import load_network
+from nst_core.optim import BatchedLBFGS
+from nst_core.params import StyleParams
+from nst_run import items
+from nst_run.paths import ItemPaths
+
+LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1", "relu4_2")
+CHANNELS_LAST = Execution("channels_last")
+
+
+def test_the_default_stays_unless_another_is_clearly_faster():
+    assert fastest({EAGER_NCHW: 1.0, CHANNELS_LAST: 0.5}) == CHANNELS_LAST
+    assert fastest({EAGER_NCHW: 1.0, CHANNELS_LAST: 0.97}) == EAGER_NCHW  # within the margin: noise
+    assert fastest({EAGER_NCHW: 0.5, CHANNELS_LAST: 1.0}) == EAGER_NCHW
+    with pytest.raises(ValueError):
+        fastest({})
+
+
+def test_candidates_per_dtype_and_compile():
+    assert candidates(torch.float64) == [EAGER_NCHW]  # the exactness tests run as given
+    assert candidates(torch.float32) == [EAGER_NCHW, CHANNELS_LAST]
+    compiled = candidates(torch.float32, allow_compile=True)
+    assert [e.label for e in compiled] == ["nchw", "channels_last", "nchw+compile", "channels_last+compile"]
+
+
+def test_shape_classes_group_aspect_ratios_and_batches_not_sizes():
+    assert shape_class((1, 3, 192, 256)) == shape_class((1, 3, 256, 192)) == shape_class((1, 3, 144, 256))
+    assert shape_class((1, 3, 96, 128)) != shape_class((1, 3, 192, 256))
+    # batches run in the layout their items run in alone (batched equals alone)
+    assert shape_class((2, 3, 192, 256)) == shape_class((1, 3, 192, 256))
+
+
+def test_cudnn_autotune_is_set_for_cuda_only():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        execution.configure_backends(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        execution.configure_backends(torch.device("cuda"))  # a flag: settable without a GPU
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_the_choice_is_measured_once_per_shape_class_and_recorded(monkeypatch):
+    net = load_network("random:0").at_precision("fp32")
+    timed: list[tuple[str, tuple[int, ...]]] = []
+    real = execution.time_pass
+
+    def counting(network, option, shape, layers, repeats=execution.MEASURE_REPEATS):
+        timed.append((option.label, tuple(shape)))
+        return real(network, option, shape, layers, repeats=1)
+
+    monkeypatch.setattr(execution, "time_pass", counting)
+    execution.clear_choices()
+    first = execution.choose_execution(net, (1, 3, 24, 32), LAYERS)
+    assert sorted(label for label, _ in timed) == ["channels_last", "nchw"]
+    assert execution.choose_execution(net, (1, 3, 32, 24), LAYERS) == first  # same class: no new measurement
+    assert len(timed) == 2
+    execution.choose_execution(net, (1, 3, 48, 64), LAYERS)
+    assert len(timed) == 4
+    assert execution.choose_execution(net, (1, 3, 24, 32), LAYERS, dtype=torch.float64) == EAGER_NCHW
+    assert len(timed) == 4
+
+    params = StyleParams(size=32, iterations=3, weights="random:0", precision="fp32", tolerance=0)
+    content, style = (images.load_image(sample_image(name)) for name in ("tubingen.jpg", "starry_night.jpg"))
+    result = stylize(content, style, params, network=load_network("random:0"))
+    assert result.execution in ("nchw", "channels_last")
+    paths = ItemPaths("/nowhere/items", "0" * 64, "png")
+    meta = items.build_meta(item="0" * 64, row={}, params=params, inputs={}, weights="random:0", weights_id="random:0", result=result, paths=paths)
+    assert meta["execution"] == result.execution and meta["precision"] == "fp32"
+
+
+def test_bf16_weight_copy_is_autocast_bit_for_bit():
+    net = load_network("random:0").at_precision("bf16")
+    x = torch.rand(1, 3, 40, 56, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = {k: v.float() for k, v in net.features(x, LAYERS).items()}
+    ours = execution.features(net, x, LAYERS)
+    assert execution.bf16_trunk(net.features).layers["conv1_1"].weight.dtype == torch.bfloat16
+    assert net.features.layers["conv1_1"].weight.dtype == torch.float32  # the original is untouched
+    for name in LAYERS:
+        assert ours[name].dtype == torch.float32 and torch.equal(ours[name], reference[name]), name
+    g_ref, g_ours = (torch.autograd.grad(sum(f.square().sum() for f in feats.values()), x)[0] for feats in (reference, ours))
+    assert torch.equal(g_ref, g_ours)
+
+
+@pytest.mark.parametrize("layout", execution.LAYOUTS)
+def test_channels_last_features_give_the_same_features(layout):
+    net = load_network("random:0").at_precision("fp32")
+    x = torch.rand(1, 3, 40, 56)
+    plain = execution.features(net, x, LAYERS)
+    other = execution.features(net, x, LAYERS, Execution(layout))
+    for name in LAYERS:
+        assert torch.allclose(other[name], plain[name], rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gram_backward_is_autograds(channels_last):
+    features = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    features.requires_grad_(True)
+    assert torch.autograd.gradcheck(gram_matrix, (features,))
+    flat = features.detach().reshape(2, 5, 12)
+    assert torch.allclose(gram_matrix(features), flat @ flat.transpose(1, 2), rtol=1e-12)
+
+
+def _textbook_direction(g: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]], h: float) -> torch.Tensor:
+    """-H g by Nocedal & Wright's Algorithm 7.4 for one item (float64), newest pair last."""
+    q, alphas = -g.clone(), []
+    for s, y in reversed(pairs):
+        alpha = (s @ q) / (y @ s)
+        q = q - alpha * y
+        alphas.append(alpha)
+    r = h * q
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        beta = (y @ r) / (y @ s)
+        r = r + s * (alpha - beta)
+    return r
+
+
+def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history():
+    torch.manual_seed(0)
+    d, history = 12, 4
+    curvature = torch.rand(d, dtype=torch.float64) + 0.5
+    x = torch.randn(1, d, dtype=torch.float64)
+    opt = BatchedLBFGS(1, lr=0.5, history=history, device="cpu")
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None
+    for _ in range(3 * history):  # wraps the ring buffer twice
+        grad = curvature * x
+        if previous is not None:
+            s, y = (x - previous[0])[0], (grad - previous[1])[0]
+            pairs = (pairs + [(s, y)])[-history:]
+        before = x.clone()
+        previous = (before, grad.clone())
+        opt.step(x, grad)
+        if pairs:  # not the first step: x moved by lr times the direction
+            s, y = pairs[-1]
+            expected = 0.5 * _textbook_direction(grad[0], pairs, float((y @ s) / (y @ y)))
+            assert torch.allclose((x - before)[0], expected, rtol=1e-10, atol=1e-14)
