@@ -1,0 +1,237 @@
+"""Operations the Prefect way, against a real Prefect server (the session's ``prefect_server``).
+
+* ``prefect.yaml`` at the repo root is generated from ``nst_cli/serve.py``'s one declaration, and
+  ``prefect deploy`` and ``nst serve`` store the same deployments;
+* the scheduled deployment runs one at a time (concurrency limit 1, ``CANCEL_NEW``), enforced by
+  the server's orchestration;
+* the server-side alerts (``nst_cli/alerts.py``) POST to a real HTTP listener on 127.0.0.1: on a
+  failed run of the flow, and on a scheduled run that is not finished by its deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Webhook
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW = "stylize_manifest"
+SCHEDULE = {"NST_SCHEDULE_MANIFEST": "s3://nst/manifests/samples.csv", "NST_SCHEDULE_OUTPUT": "s3://nst/outputs/nightly"}
+
+
+@pytest.fixture(scope="module")
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def _cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A child process pointed at the session's server (its own PREFECT_HOME, no webhook unless given)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "NST_"))}
+    env.update(PREFECT_API_URL=_api_url(), PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", PYTHONPATH=str(REPO), NST_CODE_DIR=str(REPO), **SCHEDULE, **extra)  # fmt: skip
+    return env
+
+
+def _stored(name: str) -> dict[str, Any]:
+    """What the server stores for deployment ``stylize_manifest/name`` (the fields the declaration sets)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(f"{FLOW}/{name}")
+    return {
+        "id": str(dep.id),
+        "description": dep.description,
+        "tags": sorted(dep.tags),
+        "parameters": dep.parameters,
+        "enforce_parameter_schema": dep.enforce_parameter_schema,
+        "schedules": [(s.schedule.cron, s.schedule.timezone, s.active, s.parameters) for s in dep.schedules],
+        "concurrency_limit": dep.global_concurrency_limit.limit if dep.global_concurrency_limit else None,
+        "collision_strategy": dep.concurrency_options.collision_strategy.value if dep.concurrency_options else None,
+    }
+
+
+def _ensure_process_pool(name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """The repository's prefect.yaml applied with `prefect deploy --all` to the session's server."""
+    from nst_cli.serve import WORK_POOL
+
+    tmp = tmp_path_factory.mktemp("deploy")
+    _ensure_process_pool(WORK_POOL)
+    result = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"], cwd=REPO,
+                            env=_cli_env(tmp), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {name: _stored(name) for name in ("adhoc", "scheduled")}
+
+
+# ----------------------------------------------------------------------------- one declaration
+
+
+def test_the_repository_prefect_yaml_is_the_generated_one() -> None:
+    from nst_cli.serve import render_prefect_yaml
+
+    path = REPO / "prefect.yaml"
+    assert path.is_file(), "prefect.yaml belongs at the repository root, where `prefect deploy` looks"
+    assert path.read_text() == render_prefect_yaml(), "prefect.yaml differs from nst_cli/serve.py: run `make prefect.yaml`"
+    assert not (REPO / "infra" / "prefect.yaml").exists(), "a second copy of the deployments"
+
+
+def test_prefect_deploy_stores_what_the_declaration_says(deployed: dict[str, dict[str, Any]]) -> None:
+    from nst_cli.serve import deployment_specs
+
+    specs = {s.name: s for s in deployment_specs(SCHEDULE["NST_SCHEDULE_MANIFEST"], SCHEDULE["NST_SCHEDULE_OUTPUT"])}
+    assert set(specs) == set(deployed)
+    for name, spec in specs.items():
+        stored = deployed[name]
+        assert stored["description"] == spec.description
+        assert stored["tags"] == sorted(spec.tags)
+        assert stored["parameters"] == spec.parameters
+        assert stored["enforce_parameter_schema"] is spec.enforce_parameter_schema
+        assert stored["schedules"] == ([(spec.cron, spec.timezone, spec.schedule_active, spec.schedule_parameters)] if spec.cron else [])
+        assert (stored["concurrency_limit"], stored["collision_strategy"]) == (spec.concurrency_limit, spec.collision_strategy)
+    assert (deployed["scheduled"]["concurrency_limit"], deployed["scheduled"]["collision_strategy"]) == (1, "CANCEL_NEW")
+    assert deployed["adhoc"]["concurrency_limit"] is None  # runs by hand may overlap; leases keep items apart
+
+
+def test_nst_serve_stores_the_same_deployments_as_prefect_deploy(deployed: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    from nst_cli.serve import WORK_POOL
+
+    result = subprocess.run([sys.executable, "-m", "nst_cli.main", "serve", "--work-pool", WORK_POOL], cwd=REPO,
+                            env=_cli_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name, before in deployed.items():
+        assert _stored(name) == before, name  # same id (updated in place), same options
+
+
+# ----------------------------------------------------------------------------- one nightly run at a time
+
+
+def test_a_scheduled_run_due_while_one_runs_is_cancelled_by_the_server(deployed: dict[str, dict[str, Any]]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Pending, Running
+
+    dep_id = deployed["scheduled"]["id"]
+    with get_client(sync_client=True) as client:
+        slow = client.create_flow_run_from_deployment(dep_id)
+        next_night = client.create_flow_run_from_deployment(dep_id)
+        try:
+            assert client.set_flow_run_state(slow.id, Pending()).state.is_pending()
+            assert client.set_flow_run_state(slow.id, Running()).state.is_running()
+            client.set_flow_run_state(next_night.id, Pending())  # what a worker does when the next run is due
+            assert client.read_flow_run(next_night.id).state.is_cancelled(), "the next run must not start beside the slow one"
+        finally:
+            client.set_flow_run_state(slow.id, Completed(), force=True)
+        after = client.create_flow_run_from_deployment(dep_id)  # the slot is free again
+        assert client.set_flow_run_state(after.id, Pending()).state.is_pending()
+        client.set_flow_run_state(after.id, Completed(), force=True)
+
+
+# ----------------------------------------------------------------------------- server-side alerts
+
+
+@pytest.fixture(scope="module")
+def alerts(deployed: dict[str, dict[str, Any]], webhook: Webhook) -> dict[str, str]:
+    """The alerts created as ``nst serve --alerts-only`` does, with a 10 s deadline (Prefect's minimum)."""
+    from nst_cli.alerts import ensure_alerts
+
+    return ensure_alerts(webhook.url, scheduled_deployment_id=deployed["scheduled"]["id"], deadline_s=10)
+
+
+def _for_run(run_id: Any) -> Any:
+    return lambda request: str(run_id) in request["body"]
+
+
+def test_a_failed_run_is_posted_by_the_server_automation(alerts: dict[str, str], webhook: Webhook, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from flows.stylize_manifest import stylize_manifest
+
+    monkeypatch.delenv("NST_FAILURE_WEBHOOK", raising=False)  # not the worker-side hook: the server alone
+    missing = tmp_path / f"missing-{uuid.uuid4().hex[:8]}.csv"
+    state = stylize_manifest(manifest_uri=str(missing), output_uri=str(tmp_path / "out"), allow_local_paths=True, return_state=True)
+    assert state.is_failed()
+    run_id = state.state_details.flow_run_id
+    posts = webhook.wait_for(_for_run(run_id), timeout=120)
+    assert posts, "the failure automation did not call the webhook"
+    assert posts[0]["headers"].get("Content-Type") == "application/json"
+    payload = json.loads(posts[0]["body"])
+    assert payload["event"] == "nst.flow_run.failed" and payload["source"] == "prefect-automation"
+    assert payload["flow"] == FLOW and payload["deployment"] is None
+    assert payload["flow_run"]["id"] == str(run_id) and payload["flow_run"]["state"] == "Failed"
+    assert payload["flow_run"]["name"] in payload["text"] and "Failed" in payload["text"]
+    assert payload["parameters"]["manifest_uri"] == str(missing)
+    assert webhook.url not in posts[0]["body"]
+
+
+def test_the_webhook_url_lives_only_in_the_block(alerts: dict[str, str], webhook: Webhook) -> None:
+    from prefect.client.orchestration import get_client
+
+    from nst_cli.alerts import FAILED_AUTOMATION, OVERDUE_AUTOMATION, WEBHOOK_BLOCK
+
+    with get_client(sync_client=True) as client:
+        block = client.read_block_document_by_name(WEBHOOK_BLOCK, block_type_slug="webhook", include_secrets=False)
+        automations = [a for name in (FAILED_AUTOMATION, OVERDUE_AUTOMATION) for a in client.read_automations_by_name(name)]
+    assert len(automations) == 2, "one of each, replaced by name when created again"
+    assert webhook.url not in block.model_dump_json() and "127.0.0.1" not in json.dumps(block.data, default=str)
+    for automation in automations:
+        assert webhook.url not in automation.model_dump_json()
+        assert [str(a.block_document_id) for a in automation.actions] == [alerts[WEBHOOK_BLOCK]]
+
+
+def test_a_scheduled_run_not_finished_by_its_deadline_is_posted(alerts: dict[str, str], deployed: dict[str, dict[str, Any]], webhook: Webhook) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Pending, Running
+
+    dep_id = deployed["scheduled"]["id"]
+    with get_client(sync_client=True) as client:
+        on_time = client.create_flow_run_from_deployment(dep_id)  # first: its bucket closes before the overdue one's
+        client.set_flow_run_state(on_time.id, Pending())
+        client.set_flow_run_state(on_time.id, Running())
+        client.set_flow_run_state(on_time.id, Completed())
+        stuck = client.create_flow_run_from_deployment(dep_id)
+        client.set_flow_run_state(stuck.id, Pending())  # a worker took it, then went silent (a lost node)
+        try:
+            posts = webhook.wait_for(_for_run(stuck.id), timeout=120)
+        finally:
+            client.set_flow_run_state(stuck.id, Completed(), force=True)  # frees the deployment's slot
+    assert posts, "the overdue automation did not call the webhook"
+    payload = json.loads(posts[0]["body"])
+    assert payload["event"] == "nst.flow_run.overdue" and payload["deployment"] == f"{FLOW}/scheduled"
+    assert payload["flow_run"]["id"] == str(stuck.id) and payload["deadline_s"] == 10
+    assert str(stuck.id) in payload["text"] and "10 s" in payload["text"]
+    assert not [r for r in webhook.received if str(on_time.id) in r["body"]], "a run that finished in time was posted"
+
+
+def test_alerts_refuse_a_webhook_that_is_not_http_and_never_echo_it() -> None:
+    from nst_cli.alerts import check_webhook_url
+
+    for bad in ("file:///etc/passwd", "hooks.example.com/T0/secret-token", "https:///no-host"):
+        with pytest.raises(ValueError) as info:
+            check_webhook_url(bad)
+        assert bad not in str(info.value) and "secret-token" not in str(info.value)
