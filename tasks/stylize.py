@@ -34,6 +34,7 @@ from nst_core.status import STATUSES  # re-exported for tasks.results
 from nst_core.manifest import InvalidRow, Manifest, RowSpec, load_manifest
 from nst_core.network import WeightsSpec, load_network, resolve_device
 from nst_core.params import StyleParams
+from tasks.naming import manifest_run_name, resolve_run_name, stylize_run_name
 
 T = TypeVar("T")
 
@@ -108,7 +109,7 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
 # --- manifest ---------------------------------------------------------------------------
 
 
-@task(name="read-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
+@task(name="read-manifest", task_run_name=manifest_run_name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
 def read_manifest(manifest_uri: str, defaults: StyleParams, allow_local_paths: bool, max_items: int | None) -> Manifest:
     return load_manifest(manifest_uri, defaults=defaults, allow_local_paths=allow_local_paths, max_items=max_items)
 
@@ -130,7 +131,7 @@ def _weights_identity(params: StyleParams) -> tuple[str, str | None]:
     return "sha256:" + digest, local
 
 
-@task(name="resolve-items", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
+@task(name="resolve-items", task_run_name=resolve_run_name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
 def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8) -> list[Work | Outcome]:
     """Hash every row's inputs (each distinct URI once), compute item ids, detect finished items.
 
@@ -440,7 +441,7 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-@task(name="stylize-items", tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="stylize-items", task_run_name=stylize_run_name, tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def stylize_items(
     works: list[Work],
     output_uri: str,

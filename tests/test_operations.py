@@ -235,3 +235,112 @@ def test_alerts_refuse_a_webhook_that_is_not_http_and_never_echo_it() -> None:
         with pytest.raises(ValueError) as info:
             check_webhook_url(bad)
         assert bad not in str(info.value) and "secret-token" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- runs that explain themselves
+
+
+RETRY = {"retries": 2, "retry_delay_s": 0.5}
+
+
+@pytest.fixture(scope="module")
+def explained_run(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real run of the flow (the sample manifest, tiny sizes, one item per batch), and what the
+    progress artifact held on the server each time a progress figure was published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+    from prefect.runtime import flow_run
+
+    from flows.progress import listening
+    from flows.stylize_manifest import stylize_manifest
+    from nst_core.params import StyleParams
+
+    seen: list[tuple[float, Any]] = []
+
+    def on_progress(now: Any) -> None:  # on the flow's thread, right after the flow published
+        with get_client(sync_client=True) as client:
+            [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.get_id()]), type=ArtifactFilterType(any_=["progress"])))  # fmt: skip
+        seen.append((100.0 * now.done / now.total, artifact.data))
+
+    out = tmp_path_factory.mktemp("explained")
+    with listening(on_progress):
+        state = stylize_manifest(manifest_uri=str(REPO / "manifests" / "samples.csv"), output_uri=str(out), allow_local_paths=True,
+                                 defaults=StyleParams(size=32, iterations=3, weights="random:0"), batch_size=1, **RETRY,
+                                 return_state=True)  # fmt: skip
+    assert state.is_completed(), state.message
+    summary = state.result()
+    import pandas as pd
+
+    rows = pd.read_csv(summary["results_csv"]).sort_values("row")
+    return {"flow_run_id": state.state_details.flow_run_id, "summary": summary, "rows": rows, "progress": seen}
+
+
+def _task_runs(flow_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_task_runs_are_named_by_the_rows_and_ids_they_hold(explained_run: dict[str, Any]) -> None:
+    from tasks.naming import rows_label
+
+    rows = explained_run["rows"]
+    names = {t.name for t in _task_runs(explained_run["flow_run_id"])}
+    run_folder_name = explained_run["summary"]["run_folder"].rstrip("/").rsplit("/", 1)[-1]
+    expected = {"read manifest samples.csv", f"resolve {rows_label(rows['row'])}", f"report {run_folder_name}"}
+    expected |= {f"stylize row {r.row}: {r.id}" for r in rows.itertuples()}  # batch_size=1: one item per task run
+    assert expected <= names, sorted(names)
+    assert rows_label([120, 121, 122]) == "rows 120-122" and rows_label([3, 7, 9, 11, 13]) == "rows 3, 7, 9, 11, ... (5)"
+
+
+def test_the_report_is_a_task_and_retries_use_prefects_backoff_with_jitter(explained_run: dict[str, Any]) -> None:
+    from flows.stylize_manifest import RETRY_JITTER_FACTOR
+
+    runs = _task_runs(explained_run["flow_run_id"])
+    [report] = [t for t in runs if t.name.startswith("report ")]
+    assert report.state.is_completed() and explained_run["summary"]["report"].endswith("/report.html")
+    retried = [t for t in runs if t.name.startswith(("stylize ", "resolve "))]
+    assert len(retried) == len(explained_run["rows"]) + 1
+    for t in retried:  # what the server stores as each task run's retry policy
+        policy = t.empirical_policy
+        assert policy.retries == RETRY["retries"], t.name
+        assert policy.retry_delay == [RETRY["retry_delay_s"] * 2**i for i in range(RETRY["retries"])], t.name
+        assert policy.retry_jitter_factor == RETRY_JITTER_FACTOR == 0.5, t.name
+
+
+def test_the_progress_artifact_is_updated_as_each_batch_finishes(explained_run: dict[str, Any]) -> None:
+    seen = explained_run["progress"]
+    assert len(seen) == len(explained_run["rows"]) + 1  # once after resolving the chunk, once per batch (one item each)
+    for expected, on_server in seen:
+        assert on_server == pytest.approx(expected), seen
+    assert seen[-1][0] == 100.0
+
+
+def test_each_run_emits_started_and_finished_events_with_its_counts(explained_run: dict[str, Any]) -> None:
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    from flows.events import FINISHED, STARTED
+
+    flow_run = f"prefect.flow-run.{explained_run['flow_run_id']}"
+    deadline = time.monotonic() + 60  # the server persists events in the background: wait until both are there
+    with get_client(sync_client=True) as client:
+        while True:
+            wanted = EventFilter(event=EventNameFilter(prefix=["nst.run."]), related=EventRelatedFilter(id=[flow_run]))
+            found = {e.event: e for e in client.read_events(filter=wanted, limit=50).events}  # the server's maximum
+            if {STARTED, FINISHED} <= set(found) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert {STARTED, FINISHED} <= set(found), sorted(found)
+    rows, summary = explained_run["rows"], explained_run["summary"]
+    started, finished = found[STARTED], found[FINISHED]
+    assert started.resource.id == finished.resource.id == f"nst.run.{explained_run['flow_run_id']}"
+    assert started.payload["rows"] == len(rows) and started.payload["invalid"] == 0
+    assert finished.payload["counts"] == summary["counts"] and sum(finished.payload["counts"].values()) == len(rows)
+    assert finished.resource["nst.outcome"] == "succeeded" and finished.resource["nst.failed"] == "0"
+    assert any(r.id.startswith("prefect.flow.") for r in finished.related)  # what automations match on
