@@ -361,9 +361,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
     deployments = runner_deployments(specs, from_source=False)
-    for deployment in deployments:  # registered first, so that the alerts can name the scheduled one
-        deployment.apply()
-    _alerts(args, _scheduled_deployment_id() if any(s.name == SCHEDULED for s in specs) else None)
+    if args.failure_webhook:
+        for deployment in deployments:  # registered first, so that the alerts can name the scheduled one
+            deployment.apply()
+        _alerts(args, _scheduled_deployment_id() if any(s.name == SCHEDULED for s in specs) else None)
     print(f"serving {', '.join(f'{FLOW_NAME}/{s.name}' for s in specs)} from this process (Ctrl-C stops)")
     serve(*deployments, limit=args.limit, print_starting_message=True)
     return EXIT_OK

@@ -344,3 +344,32 @@ def test_each_run_emits_started_and_finished_events_with_its_counts(explained_ru
     assert finished.payload["counts"] == summary["counts"] and sum(finished.payload["counts"].values()) == len(rows)
     assert finished.resource["nst.outcome"] == "succeeded" and finished.resource["nst.failed"] == "0"
     assert any(r.id.startswith("prefect.flow.") for r in finished.related)  # what automations match on
+
+
+def test_nst_serve_creates_the_alerts_before_it_serves(alerts: dict[str, str], webhook: Webhook, tmp_path: Path) -> None:
+    """Serve mode (no work pool): the deployments are registered, then the alerts, then it serves."""
+    from prefect.client.orchestration import get_client
+
+    from nst_cli.alerts import FAILED_AUTOMATION
+
+    with get_client(sync_client=True) as client:
+        [before] = client.read_automations_by_name(FAILED_AUTOMATION)
+    proc = subprocess.Popen([sys.executable, "-m", "nst_cli.main", "serve", "--no-schedule"], cwd=REPO,
+                            env=_cli_env(tmp_path, NST_FAILURE_WEBHOOK=webhook.url), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the process does; it prints "serving ..." once the alerts exist
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    output = "".join(lines)
+    assert any(line.startswith("serving ") for line in lines), output
+    assert f"automation {FAILED_AUTOMATION!r}" in output and webhook.url not in output
+    with get_client(sync_client=True) as client:
+        [after] = client.read_automations_by_name(FAILED_AUTOMATION)
+    assert after.id != before.id  # created again by this `nst serve`, replacing the one of the same name
