@@ -373,3 +373,24 @@ def test_nst_serve_creates_the_alerts_before_it_serves(alerts: dict[str, str], w
     with get_client(sync_client=True) as client:
         [after] = client.read_automations_by_name(FAILED_AUTOMATION)
     assert after.id != before.id  # created again by this `nst serve`, replacing the one of the same name
+
+
+def test_the_worker_hook_leaves_deployment_runs_to_the_server_by_default(webhook: Webhook, monkeypatch: pytest.MonkeyPatch) -> None:
+    """notify_failure still posts runs no automation watches (nst run's), and deployment runs only when asked."""
+    from types import SimpleNamespace
+
+    from flows.hooks import notify_failure
+
+    flow, state = SimpleNamespace(name=FLOW), SimpleNamespace(name="Failed", message="x")
+    monkeypatch.setenv("NST_FAILURE_WEBHOOK", webhook.url)
+    monkeypatch.delenv("NST_FAILURE_WEBHOOK_SCOPE", raising=False)
+    tag = uuid.uuid4().hex[:8]
+    by_deployment = SimpleNamespace(id=f"dep-{tag}", name="n", auto_scheduled=True, deployment_id=uuid.uuid4(), parameters={})
+    in_process = SimpleNamespace(id=f"local-{tag}", name="n", auto_scheduled=False, deployment_id=None, parameters={})
+    notify_failure(flow, by_deployment, state)
+    notify_failure(flow, in_process, state)
+    assert webhook.wait_for(lambda r: f"local-{tag}" in r["body"], timeout=30)  # posted synchronously; the wait is a bound
+    assert not [r for r in webhook.received if f"dep-{tag}" in r["body"]], "the server's automation posts deployment runs"
+    monkeypatch.setenv("NST_FAILURE_WEBHOOK_SCOPE", "all")
+    notify_failure(flow, by_deployment, state)
+    assert webhook.wait_for(lambda r: f"dep-{tag}" in r["body"], timeout=30)

@@ -578,6 +578,8 @@ def test_fleet_recipes_are_well_formed() -> None:
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
     assert all(p.startswith("127.0.0.1:") for svc in services.values() for p in svc.get("ports", []))
     assert "concurrency-limit create gpu" in services["prefect-init"]["command"][0]
+    assert "nst serve --alerts-only" in services["prefect-init"]["command"][0]  # the server-side alerts
+    assert all("NST_FAILURE_WEBHOOK" not in svc["environment"] for svc in workers.values())  # the URL stays in the block
 
     template = json.loads((infra / "k8s" / "base-job-template.json").read_text())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
