@@ -34,6 +34,8 @@ Modes:
 * ``nst serve --work-pool POOL``: ``prefect.deploy(...)`` - register them on a
   work pool (``process``, Kubernetes, ...) and exit; the pool's workers run them.
 * ``--dry-run``: print the deployments as JSON; contact no server.
+* ``--prefect-yaml``: print the repository's ``prefect.yaml``; contact no server.
+* ``--alerts-only``: create the alerts for deployments already on the server.
 
 The scheduled deployment's URIs come from ``--schedule-manifest`` /
 ``--schedule-output`` or ``NST_SCHEDULE_MANIFEST`` / ``NST_SCHEDULE_OUTPUT``
