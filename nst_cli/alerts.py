@@ -67,7 +67,7 @@ def overdue_payload(deadline_s: float, ui_url: str | None) -> str:
     hours = f"{deadline_s / 3600:g} h" if deadline_s >= 3600 else f"{deadline_s:g} s"
     return (
         f"{{%- set run_id = {run_id} -%}}"
-        f'{{"text": {{{{ ("{FLOW_NAME}/scheduled run " ~ run_id ~ " has not finished {hours} after it was due to start"'
+        f'{{"text": {{{{ ("{FLOW_NAME}/scheduled run " ~ run_id ~ " is overdue: not finished {hours} after it went Pending (or Late)"'
         f' ~ (" {url}" ~ run_id if "{url}" else ""))|tojson }}}},'
         f' "event": "nst.flow_run.overdue", "source": "prefect-automation", "flow": "{FLOW_NAME}",'
         f' "deployment": "{FLOW_NAME}/scheduled", "deadline_s": {deadline_s:g},'
