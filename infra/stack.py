@@ -443,9 +443,8 @@ def _start_worker(stack: Stack, env: dict[str, str]) -> None:
         return
     worker_env = dict(env)
     worker_env.update(PREFECT_WORKER_QUERY_SECONDS="3", PREFECT_WORKER_PREFETCH_SECONDS="5")
-    for name in ("TORCH_HOME",):
-        if os.environ.get(name):
-            worker_env[name] = os.environ[name]
+    if os.environ.get("TORCH_HOME"):  # the weights cache; the failure webhook goes to the server's block, not here
+        worker_env["TORCH_HOME"] = os.environ["TORCH_HOME"]
     cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", POOL, "--name", WORKER_NAME, "--type", "process"]
     _spawn(stack, "worker", cmd, worker_env, REPO)
 
