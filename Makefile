@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install install-test demo lint test test-fast bench constraints clean up down status
+.PHONY: install install-test demo lint test test-fast bench constraints clean up down status prefect.yaml
 
 install: $(STAMP_RUN)
 
@@ -65,8 +65,13 @@ constraints: install-test
 clean:
 	rm -rf $(VENV) .pytest_cache nst-demo-output test-output
 
+# prefect.yaml (what `prefect deploy` reads) is generated from nst_cli/serve.py's one declaration.
+prefect.yaml: install
+	$(BIN)/nst serve --prefect-yaml > prefect.yaml
+
 # The local stack on 127.0.0.1 (infra/stack.py): Prefect server with API auth, SeaweedFS S3 with the
-# samples, a process work pool with one worker, the deployments of infra/prefect.yaml. Data in $(STACK_DIR)/.
+# samples, a process work pool with one worker, the deployments of prefect.yaml and, with
+# NST_FAILURE_WEBHOOK set, the server-side alerts (nst serve --alerts-only). Data in $(STACK_DIR)/.
 STACK_DIR ?= .stack
 
 up: $(STAMP_TEST)

@@ -19,8 +19,11 @@ of a secret-looking environment variable (``*SECRET*``, ``*TOKEN*``, ``*PASSWORD
 Settings (environment variables):
 
 - ``NST_FAILURE_WEBHOOK``: the http(s) URL to POST to; unset = no notification.
-- ``NST_FAILURE_WEBHOOK_SCOPE``: ``all`` (default: every failed run) or
-  ``scheduled`` (only runs created by a deployment's schedule).
+- ``NST_FAILURE_WEBHOOK_SCOPE``: ``no-deployment`` (default: only runs not started
+  from a deployment, such as ``nst run``'s; deployment runs are covered by the
+  server's automations, ``nst_cli/alerts.py``, which also see lost workers and
+  overdue runs), ``all`` (every failed run: a server without those automations)
+  or ``scheduled`` (only runs created by a deployment's schedule).
 - ``NST_FAILURE_WEBHOOK_TIMEOUT_S``: seconds before giving up (default 10).
 
 A notification that cannot be sent is logged (with the webhook's host only) and
@@ -54,6 +57,7 @@ from nst_core import storage
 WEBHOOK_ENV = "NST_FAILURE_WEBHOOK"
 SCOPE_ENV = "NST_FAILURE_WEBHOOK_SCOPE"
 TIMEOUT_ENV = "NST_FAILURE_WEBHOOK_TIMEOUT_S"
+DEFAULT_SCOPE = "no-deployment"
 MESSAGE_LIMIT = 500
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|AUTH|CREDENTIAL|(^|_)KEY($|_)|_KEY_ID$", re.IGNORECASE)
 _URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+)")
@@ -189,7 +193,10 @@ def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
         return
     if url is None:
         return
-    if os.environ.get(SCOPE_ENV, "all").strip().lower() == "scheduled" and not getattr(flow_run, "auto_scheduled", False):
+    scope = os.environ.get(SCOPE_ENV, DEFAULT_SCOPE).strip().lower()
+    if scope == "scheduled" and not getattr(flow_run, "auto_scheduled", False):
+        return
+    if scope == DEFAULT_SCOPE and getattr(flow_run, "deployment_id", None):  # the server's automation posts for it
         return
     host = urllib.parse.urlsplit(url).hostname or "?"
     try:

@@ -20,8 +20,10 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 from pydantic import Field
 
+from flows import events
 from flows.hooks import describe_parameters, notify_failure
 from flows.progress import Progress, publish
 from nst_core import storage
@@ -31,9 +33,8 @@ from nst_run.execute import auto_batch_size, release_failed_leases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
 from nst_run.planning import Outcome, Work, chunks, for_row, outcome_for_invalid, outcome_for_row, plan_batches
-from nst_run.report import build_report
 from nst_run.results import ResultsWriter, run_name
-from tasks.steps import read_manifest, resolve_items, stylize_items
+from tasks.steps import build_run_report, read_manifest, resolve_items, stylize_items
 
 TABLE_ARTIFACT_ROWS = 1000
 FIRST_FAILURES = 10  # failed and invalid rows named in summary.json (and by `nst run`); all are in results.csv
@@ -71,9 +72,13 @@ def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
     return dask.annotate(resources={resource: 1})  # the results table artifact shows the first rows; the files have all
 
 
+RETRY_JITTER_FACTOR = 0.5  # each retry waits a random time around its delay (at most 1.5x): workers do not retry in step
+
+
 def retry_delays(retries: int, first_delay_s: float, cap_s: float = 600.0) -> list[float]:
-    """Delays before each task retry: doubling from ``first_delay_s`` (a blip is retried soon, an outage waited out)."""
-    return [min(first_delay_s * 2**i, cap_s) for i in range(retries)]
+    """Delays before each task retry: Prefect's ``exponential_backoff`` from ``first_delay_s`` (doubling: a blip
+    is retried soon, an outage waited out), each capped at ``cap_s``; tasks add ``RETRY_JITTER_FACTOR``."""
+    return [min(delay, cap_s) for delay in exponential_backoff(backoff_factor=first_delay_s)(retries)]
 
 
 def _settled(resolved: list[Work | Outcome], computed: dict[str, Outcome]) -> tuple[int, int]:
@@ -130,7 +135,7 @@ def stylize_manifest(
     batch_size: Annotated[int, Field(ge=0, le=256, description="Items optimised together when their size and parameters match; 0 = automatic (1 on CPU, from free GPU memory on CUDA).")] = 0,
     chunk_size: Annotated[int, Field(ge=1, le=10_000, description="Rows resolved and submitted together; bounds the task runs in flight.")] = 64,
     retries: Annotated[int, Field(ge=0, le=20, description="Task retries on transient storage errors (unreachable endpoint, timeouts, 5xx).")] = 5,
-    retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay before the first task retry; each further retry waits twice as long (capped at 600 s).")] = 5.0,
+    retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay before the first task retry; each further retry waits twice as long (capped at 600 s), each delay varied at random by up to 50 % so workers do not retry in step.")] = 5.0,
     lease_ttl_s: Annotated[float, Field(ge=1, le=86_400, description="How long an item's lease outlives its worker's last heartbeat (a dead worker blocks its items this long; renewed every third of it).")] = DEFAULT_TTL_S,
     storage_patience_s: Annotated[float, Field(ge=0, le=86_400, description="How long the run's own writes (results tables, summary, report) keep retrying while storage is unreachable.")] = 300.0,
     lease_wait_s: Annotated[float, Field(ge=0, le=86_400, description="How long to wait for an item another run is computing before reporting it in_progress_elsewhere.")] = 600.0,
@@ -151,14 +156,19 @@ def stylize_manifest(
     total = max(manifest.total, 1)
     progress_id = create_progress_artifact(progress=100.0 * len(manifest.invalid) / total, key=None, description="rows finished")
     delays = retry_delays(retries, retry_delay_s)
-    stylize = stylize_items.with_options(retries=retries, retry_delay_seconds=delays)
-    resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays)
+    stylize = stylize_items.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=RETRY_JITTER_FACTOR)
+    resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=RETRY_JITTER_FACTOR)
+    events.run_started(run, owner, rows=manifest.total, invalid=len(manifest.invalid), manifest_uri=manifest_uri, output_uri=output_uri)
+
+    def progress(now: Progress) -> None:  # the UI's artifact first, then in-process listeners (nst run's line)
+        update_progress_artifact(progress_id, 100.0 * now.done / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
+        publish(now)
     random_weights = False
     failed_before = 0  # rows of earlier chunks that failed (progress figures)
     for chunk in chunks(manifest.rows, chunk_size):
         resolved = resolve(chunk, output_uri, force)
         done, failed = _settled(resolved, {})  # cached rows and inputs that could not be read
-        publish(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
+        progress(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
         # Rows with the same item id share one computation; compatible items share a batch.
         first_of: dict[str, Work] = {}
         for r in resolved:
@@ -177,13 +187,12 @@ def stylize_manifest(
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 computed.update({w.item_id: outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in batch})
             done, failed = _settled(resolved, computed)
-            publish(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
+            progress(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
         outcomes = [r if isinstance(r, Outcome) else for_row(computed[r.item_id], r) for r in resolved]
         failed_before += sum(o.status == "failed" for o in outcomes)
         release_failed_leases(computed.values(), output_uri, owner, storage_patience_s, logger)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
-        writer.add(outcomes)
-        update_progress_artifact(progress_id, 100.0 * len(writer.outcomes) / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
+        writer.add(outcomes)  # the progress artifact already shows these rows (updated per batch above)
     counts = writer.counts()
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     summary: dict[str, Any] = {
@@ -199,7 +208,8 @@ def stylize_manifest(
         "first_failures": [{"row": o.row, "id": o.id, "status": o.status, "error": o.error} for o in failures[:FIRST_FAILURES]],
     }
     summary.update(writer.finish(summary))
-    summary["report"] = storage.retry_transient(lambda: build_report(writer.folder), storage_patience_s)  # {run folder}/report.html + thumbs/ (nst_run/report)
+    summary["report"] = build_run_report(writer.folder, storage_patience_s)  # {run folder}/report.html + thumbs/, a task (tasks/steps.py)
+    events.run_finished(run, owner, summary)
     create_table_artifact(
         table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],
         key="stylize-results",

@@ -11,8 +11,11 @@ by default, git-ignored):
   ``PREFECT_SERVER_API_AUTH_STRING`` is a generated ``user:password`` kept in
   ``.stack/secrets.env`` (mode 0600, never printed);
 * a ``process`` work pool ``nst-local`` with one worker, and the deployments of
-  ``infra/prefect.yaml`` (``prefect deploy --all``): ``stylize_manifest/adhoc``
+  the repository's ``prefect.yaml`` (``prefect deploy --all``): ``stylize_manifest/adhoc``
   and ``stylize_manifest/scheduled``;
+* with ``NST_FAILURE_WEBHOOK`` set, the server-side alerts (``nst serve --alerts-only``,
+  ``nst_cli/alerts.py``): a Webhook block holding the URL and the automations that
+  post failed/crashed runs and overdue scheduled runs (``NST_RUN_DEADLINE_HOURS``);
 
 then prints the UI's address, the bucket, the deployments and the one command
 that starts a run. ``.stack/env`` (0600) exports everything a shell needs
@@ -25,8 +28,8 @@ after checking the pid is still the process it started. Data stays: a later
 ``up`` reuses the ports, credentials, database and objects.
 
 ``--dir`` and ``--free-ports`` let tests run a private stack beside a
-developer's. ``NST_FAILURE_WEBHOOK`` (and ``NST_FAILURE_WEBHOOK_SCOPE``) in
-``up``'s environment are passed to the worker (see ``flows/hooks.py``).
+developer's. The webhook URL goes to the server's block only, never to the
+worker (whose ``notify_failure`` hook would post deployment runs a second time).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from infra.seaweedfs import HOST, PORT_NAMES, REGION, S3Server, find_weed, free_
 
 DEFAULT_DIR = REPO / ".stack"
 SAMPLE_IMAGES = nst_samples.folder()
-PREFECT_YAML = REPO / "infra" / "prefect.yaml"
+PREFECT_YAML = REPO / "prefect.yaml"  # generated from nst_cli/serve.py (nst serve --prefect-yaml)
 BUCKET = "nst"
 POOL = "nst-local"
 WORKER_NAME = "nst-local-worker-1"
@@ -440,11 +443,28 @@ def _start_worker(stack: Stack, env: dict[str, str]) -> None:
         return
     worker_env = dict(env)
     worker_env.update(PREFECT_WORKER_QUERY_SECONDS="3", PREFECT_WORKER_PREFETCH_SECONDS="5")
-    for name in ("NST_FAILURE_WEBHOOK", "NST_FAILURE_WEBHOOK_SCOPE", "NST_FAILURE_WEBHOOK_TIMEOUT_S", "TORCH_HOME"):
-        if os.environ.get(name):
-            worker_env[name] = os.environ[name]
+    if os.environ.get("TORCH_HOME"):  # the weights cache; the failure webhook goes to the server's block, not here
+        worker_env["TORCH_HOME"] = os.environ["TORCH_HOME"]
     cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", POOL, "--name", WORKER_NAME, "--type", "process"]
     _spawn(stack, "worker", cmd, worker_env, REPO)
+
+
+def _create_alerts(stack: Stack, env: dict[str, str]) -> bool:
+    """``nst serve --alerts-only`` against the stack when ``NST_FAILURE_WEBHOOK`` is set (the URL travels in the
+    environment, never on a command line). Returns whether the alerts were created."""
+    if not os.environ.get("NST_FAILURE_WEBHOOK"):
+        return False
+    alert_env = dict(env, NST_FAILURE_WEBHOOK=os.environ["NST_FAILURE_WEBHOOK"], PYTHONPATH=str(REPO))
+    if os.environ.get("NST_RUN_DEADLINE_HOURS"):
+        alert_env["NST_RUN_DEADLINE_HOURS"] = os.environ["NST_RUN_DEADLINE_HOURS"]
+    cmd = [sys.executable, "-m", "nst_cli.main", "serve", "--alerts-only"]
+    with open(stack.logs / "deploy.log", "ab") as log:
+        log.write(f"\n===== nst stack: nst serve --alerts-only at {time.ctime()} =====\n".encode())
+        log.flush()
+        result = subprocess.run(cmd, cwd=REPO, env=alert_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    if result.returncode != 0:
+        raise StackError(f"`nst serve --alerts-only` failed (exit {result.returncode}); log {stack.logs / 'deploy.log'}:\n{_log_tail(stack, 'deploy')}")
+    return True
 
 
 def _wait_worker(stack: Stack, state: dict[str, Any], secret: dict[str, str]) -> None:
@@ -510,10 +530,13 @@ def up(root: Path = DEFAULT_DIR, *, free_only: bool = False, quiet: bool = False
     write_env_file(stack, client_env(stack, state, secret))
     _ensure_pool(stack, state, secret, env)
     _start_worker(stack, env)  # starts polling while the deployments are applied
-    say(f"  work pool {POOL} (process) and its worker started; applying infra/prefect.yaml ...")
+    say(f"  work pool {POOL} (process) and its worker started; applying prefect.yaml ...")
     deploy_env = dict(env)
     deploy_env.update(NST_CODE_DIR=str(REPO), NST_SCHEDULE_MANIFEST=SCHEDULE_MANIFEST, NST_SCHEDULE_OUTPUT=SCHEDULE_OUTPUT)
     _prefect_cli(stack, deploy_env, ["deploy", "--all", "--prefect-file", str(PREFECT_YAML)], "deploy")
+    state["alerts"] = _create_alerts(stack, env)
+    if state["alerts"]:
+        say("  server-side alerts created (failed/crashed runs, overdue scheduled runs) -> the nst-failure-webhook block")
     _wait_worker(stack, state, secret)
 
     deployments = {}
@@ -539,7 +562,9 @@ def print_summary(stack: Stack, state: dict[str, Any], manifests: list[str], sec
         print(f"                {uri}")
     print(f"  Work pool     {POOL} (process), worker {WORKER_NAME} (pid {stack.read_pid('worker')})")
     print(f"  Deployments   {FLOW}/adhoc       on demand (UI: Deployments > adhoc > Run > Custom run)")
-    print(f"                {FLOW}/scheduled   cron '0 2 * * *' UTC: {SCHEDULE_MANIFEST} -> {SCHEDULE_OUTPUT}")
+    print(f"                {FLOW}/scheduled   cron '0 2 * * *' UTC, one run at a time: {SCHEDULE_MANIFEST} -> {SCHEDULE_OUTPUT}")
+    if state.get("alerts"):
+        print("  Alerts        failed/crashed runs and overdue scheduled runs -> the nst-failure-webhook block (Automations page)")
     print(f"  Logs          {rel}/logs/")
     print("\nStart a run:")
     print(f"  {run_command(stack)}")

@@ -3,6 +3,8 @@
 * :func:`read_manifest`: :func:`nst_run.manifest.load_manifest`.
 * :func:`resolve_items`: :func:`nst_run.planning.resolve_items` (``item_id`` per row, ``cached`` ones found).
 * :func:`stylize_items` (tag ``gpu``): :func:`nst_run.execute.stylize_items` (lease, compute, store a batch).
+* :func:`build_run_report`: :func:`nst_run.report.build_report`, so the report's state, duration and
+  retries show in the UI.
 
 The tasks add what Prefect gives: retries of transient storage errors only (:func:`transient_only`),
 no result caching, the run logger. Callers that run no flow (``nst validate``, tests) call the plain
@@ -22,6 +24,11 @@ from nst_run import execute, planning
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import Manifest, RowSpec, load_manifest
 from nst_run.planning import Outcome, Work
+from nst_run.report import build_report
+from tasks.naming import manifest_run_name, report_run_name, resolve_run_name, stylize_run_name
+
+# NAMED: Prefect's TaskRunNameCallbackWithParameters protocol carries a classmethod no function has, so
+# mypy refuses any plain ``task_run_name`` callable that takes ``parameters`` (Prefect accepts it at run time).
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -35,17 +42,17 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="read-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
+@task(name="read-manifest", task_run_name=manifest_run_name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)  # type: ignore[arg-type]  # see NAMED above
 def read_manifest(manifest_uri: str, defaults: StyleParams, allow_local_paths: bool, max_items: int | None) -> Manifest:
     return load_manifest(manifest_uri, defaults=defaults, allow_local_paths=allow_local_paths, max_items=max_items)
 
 
-@task(name="resolve-items", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
+@task(name="resolve-items", task_run_name=resolve_run_name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)  # type: ignore[arg-type]  # see NAMED above
 def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8) -> list[Work | Outcome]:
     return planning.resolve_items(rows, output_uri, force, workers)
 
 
-@task(name="stylize-items", tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="stylize-items", task_run_name=stylize_run_name, tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)  # type: ignore[arg-type]  # see NAMED above
 def stylize_items(
     works: list[Work],
     output_uri: str,
@@ -56,3 +63,16 @@ def stylize_items(
     force: bool = False,
 ) -> list[Outcome]:
     return execute.stylize_items(works, output_uri, time_limit_s, owner, lease_ttl_s, lease_wait_s, force, logger=get_run_logger())
+
+
+@task(name="build-report", task_run_name=report_run_name, cache_policy=NO_CACHE)  # type: ignore[arg-type]  # see NAMED above
+def build_run_report(run_folder: str, patience_s: float) -> str:
+    """Build ``{run_folder}/report.html`` (and its thumbnails) from what the run stored; returns its URI.
+
+    Transient storage errors are retried for up to ``patience_s`` seconds here (the table is written,
+    so the report is worth waiting for); the flow's own retry options (``with_options``) add task retries.
+
+    Raises:
+        StorageError: storage refused the report for good, or stayed unreachable past ``patience_s``.
+    """
+    return storage.retry_transient(lambda: build_report(run_folder), patience_s)

@@ -5,12 +5,19 @@
   clear reason when it is absent.
 * :func:`psnr`: peak signal-to-noise ratio of two ``[3, H, W]`` tensors in [0, 1].
 * :func:`stacked_targets`: per-item content/style targets stacked into one batch.
+* :class:`Webhook`: a real HTTP listener on 127.0.0.1 that records what is POSTed to it,
+  with :meth:`Webhook.wait_for` (a condition and a timeout, never a sleep).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +55,42 @@ def stacked_targets(network, params, contents, styles):
         {k: torch.cat([t[k] for t in c]) for k in params.content_layers},
         {k: torch.cat([t[k] for t in s]) for k in params.style_layers},
     )
+
+
+class Webhook:
+    """A local HTTP endpoint that records the documents POSTed to it (``received``: headers and body)."""
+
+    def __init__(self) -> None:
+        received = self.received = []  # type: list[dict[str, Any]]
+        arrived = self._arrived = threading.Condition()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with arrived:
+                    received.append({"path": self.path, "headers": dict(self.headers), "body": body.decode(errors="replace")})
+                    arrived.notify_all()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/nst-failures"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float) -> list[dict[str, Any]]:
+        """The requests ``match`` accepts, as soon as there is one; [] after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                found = [r for r in self.received if match(r)]
+                left = deadline - time.monotonic()
+                if found or left <= 0:
+                    return found
+                self._arrived.wait(left)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -29,7 +29,7 @@ COPY nst_cli nst_cli
 COPY tasks tasks
 COPY flows flows
 COPY manifests manifests
-COPY infra/prefect.yaml infra/prefect.yaml
+COPY prefect.yaml prefect.yaml
 
 # torch/torchvision as pinned in pyproject.toml, from the CUDA wheel index; the rest from PyPI.
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -e . \

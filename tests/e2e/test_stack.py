@@ -15,18 +15,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helpers import Webhook
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "test-output"
@@ -48,31 +47,6 @@ slow = pytest.mark.slow  # the tests that start the stack; `make test` runs them
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class Webhook:
-    """A local HTTP endpoint that records the JSON documents POSTed to it."""
-
-    def __init__(self) -> None:
-        received = self.received = []  # type: list[dict[str, Any]]
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                received.append({"headers": dict(self.headers), "body": body.decode(errors="replace")})
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/nst-failures"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass
@@ -333,8 +307,11 @@ def test_nst_serve_and_prefect_yaml_declare_the_same_deployments(stack: StackHan
             assert schedule["schedule"]["cron"] == spec["cron"] and schedule["schedule"]["timezone"] == spec["timezone"]
             assert schedule["parameters"] == spec["schedule_parameters"]
             assert schedule["active"] == spec["schedule_active"]
-    yaml_doc = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    yaml_doc = yaml.safe_load((REPO / "prefect.yaml").read_text())  # what `make up` applied (generated from nst_cli/serve.py)
     assert {d["name"] for d in yaml_doc["deployments"]} == set(specs)
+    scheduled = stack.deployment("scheduled")
+    assert scheduled["global_concurrency_limit"]["limit"] == specs["scheduled"]["concurrency_limit"] == 1
+    assert scheduled["concurrency_options"]["collision_strategy"] == specs["scheduled"]["collision_strategy"] == "CANCEL_NEW"
 
 
 @slow
@@ -368,7 +345,7 @@ def test_run_form_schema_describes_every_parameter_and_server_refuses_bad_ones(s
 
 
 @slow
-def test_failed_scheduled_deployment_run_posts_to_the_webhook(stack: StackHandle, webhook: Webhook) -> None:
+def test_failed_scheduled_deployment_run_is_posted_by_the_servers_automation(stack: StackHandle, webhook: Webhook) -> None:
     dep = stack.deployment("scheduled")
     missing = f"s3://nst/manifests/missing-{uuid.uuid4().hex[:8]}.csv"
     status, run = stack.api("POST", f"/deployments/{dep['id']}/create_flow_run",
@@ -376,15 +353,12 @@ def test_failed_scheduled_deployment_run_posts_to_the_webhook(stack: StackHandle
     assert status == 201, run
     done = stack.wait_flow_run(run["id"], timeout=240)
     assert done["state_type"] == "FAILED", done["state"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(run["id"] in r["body"] for r in webhook.received):
-        time.sleep(0.5)
-    posts = [r for r in webhook.received if run["id"] in r["body"]]
-    assert posts, f"no webhook call; worker log:\n{_tail(stack.root / 'logs' / 'worker.log')}"
+    posts = webhook.wait_for(lambda r: run["id"] in r["body"], timeout=120)  # the server's automation (make up created it)
+    assert posts, f"no webhook call; server log:\n{_tail(stack.root / 'logs' / 'prefect-server.log')}"
     payload = json.loads(posts[0]["body"])
     assert posts[0]["headers"].get("Content-Type") == "application/json"
     assert payload["flow_run"]["id"] == run["id"] and payload["flow_run"]["state"] == "Failed"
-    assert payload["deployment"] == f"{FLOW}/scheduled"
+    assert payload["source"] == "prefect-automation" and payload["deployment"] == f"{FLOW}/scheduled"
     assert payload["parameters"]["manifest_uri"] == missing
     assert payload["flow_run"]["url"] == f"{stack.ui}/runs/flow-run/{run['id']}"
     assert run["name"] in payload["text"]
@@ -604,6 +578,8 @@ def test_fleet_recipes_are_well_formed() -> None:
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
     assert all(p.startswith("127.0.0.1:") for svc in services.values() for p in svc.get("ports", []))
     assert "concurrency-limit create gpu" in services["prefect-init"]["command"][0]
+    assert "nst serve --alerts-only" in services["prefect-init"]["command"][0]  # the server-side alerts
+    assert all("NST_FAILURE_WEBHOOK" not in svc["environment"] for svc in workers.values())  # the URL stays in the block
 
     template = json.loads((infra / "k8s" / "base-job-template.json").read_text())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]

@@ -84,8 +84,9 @@ def object_texts(uris: Iterable[str]) -> Iterator[tuple[str, bytes | str]]:
                 yield uri + " (metadata)", repr(image.info) + repr(dict(image.getexif()))
 
 
-def prefect_texts(flow_run_id: Any) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    """Everything Prefect holds about one flow run: the run, its states, task runs, artifacts and logs."""
+def prefect_texts(flow_run_id: Any, until_event: str | None = None) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """Everything Prefect holds about one flow run: the run, its states, task runs, artifacts, logs and
+    its ``nst.run.*`` events (``until_event``: wait, up to a minute, until the server has stored that one)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
@@ -104,8 +105,24 @@ def prefect_texts(flow_run_id: Any) -> tuple[list[tuple[str, str]], dict[str, in
         while batch := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=len(logs)):
             logs += batch
         texts += [(f"log {log.name} {log.level}", log.model_dump_json()) for log in logs]
-    counts = {"states": len(states), "task_runs": len(task_runs), "artifacts": len(artifacts), "logs": len(logs)}
+        events = _nst_events(client, flow_run_id, until_event)
+        texts += [(f"event {e.event}", e.model_dump_json()) for e in events]
+    counts = {"states": len(states), "task_runs": len(task_runs), "artifacts": len(artifacts), "logs": len(logs), "events": len(events)}
     return texts, counts
+
+
+def _nst_events(client: Any, flow_run_id: Any, until_event: str | None) -> list[Any]:
+    import time
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    deadline = time.monotonic() + 60  # the server stores events in the background
+    while True:
+        wanted = EventFilter(event=EventNameFilter(prefix=["nst.run."]), related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
+        events = client.read_events(filter=wanted, limit=50).events
+        if until_event is None or any(e.event == until_event for e in events) or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
 
 
 @contextmanager
@@ -175,8 +192,8 @@ def test_a_run_with_failures_leaks_no_credential_anywhere(prefect_server, s3_buc
     written = storage.list_prefix(output + "/")
     assert any(u.endswith("/meta.json") for u in written) and any(u.endswith("/results.parquet") for u in written)
     assert any(u.endswith("/report.html") for u in written) and any(u.endswith("/loss.csv") for u in written)
-    prefect, seen = prefect_texts(flow_run_id)
-    assert seen["logs"] >= 10 and seen["artifacts"] >= 3 and seen["task_runs"] >= 3, seen
+    prefect, seen = prefect_texts(flow_run_id, until_event="nst.run.finished")
+    assert seen["logs"] >= 10 and seen["artifacts"] >= 3 and seen["task_runs"] >= 3 and seen["events"] >= 2, seen
     assert any("invalid row 2, column style_uri" in text for _, text in prefect)  # the row errors were logged
     returned = [("state message", state.message or ""), ("returned summary", repr(summary))]
 
