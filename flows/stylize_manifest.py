@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -180,7 +181,9 @@ def stylize_manifest(
                 stylize.submit(batch, output_uri, item_timeout_s, owner, lease_ttl_s, lease_wait_s, force) for batch in batches
             ]
         computed: dict[str, Outcome] = {}
-        for batch, future in zip(batches, futures, strict=True):
+        batch_of = {future.task_run_id: batch for batch, future in zip(batches, futures, strict=True)}
+        for future in as_completed(futures):  # as each finishes: progress shows a batch when it is done, not after slower ones
+            batch = batch_of[future.task_run_id]
             try:
                 computed.update({o.item_id: o for o in future.result()})
             except Exception as exc:  # retries exhausted, or an unexpected error: only this batch fails
