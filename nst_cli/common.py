@@ -43,7 +43,7 @@ def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -
     """One flag per StyleParams field; unset flags stay None (the model's default applies).
 
     Boolean fields are switches (``--normalize-network`` / ``--no-normalize-network``); fields
-    with a fixed set of values take only those (``--pooling {avg,max}``), listed in ``--help``.
+    with a fixed set of values list them in ``--help`` (``--pooling {avg,max}``).
     """
     from nst_core.params import StyleParams
 
@@ -57,7 +57,8 @@ def add_style_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -
         if info.annotation is bool:
             group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=text)
         elif choices := field_choices(info.annotation):
-            group.add_argument(flag, dest=name, default=None, choices=choices, help=text)
+            # Shown as argparse shows choices, but checked by StyleParams: one "invalid parameters" line, exit 2.
+            group.add_argument(flag, dest=name, default=None, metavar="{" + ",".join(choices) + "}", help=text)
         else:
             group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=text)
 

@@ -58,7 +58,8 @@ def test_help_lists_choices_and_booleans_are_switches(tmp_path):
     out = str(tmp_path / "o.png")
     pair = [str(sample_image("tubingen.jpg")), str(sample_image("starry_night.jpg"))]
     refused = nst(["stylize", *pair, "-o", out, "--pooling", "mean"], tmp_path)
-    assert refused.returncode == 2 and "invalid choice: 'mean'" in refused.stderr and "'avg', 'max'" in refused.stderr
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "--pooling" in refused.stderr and "'avg' or 'max'" in refused.stderr
     switch = nst(["stylize", *pair, "-o", out, "--size", "32", "--iterations", "2", "--weights", "random:0", "-q", "--no-normalize-network"], tmp_path)
     assert switch.returncode == 0, switch.stderr
     assert Path(out).is_file()
