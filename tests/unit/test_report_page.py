@@ -56,7 +56,8 @@ def test_inline_style_and_script_are_the_static_files_and_the_csp_hashes_them(tm
     assert re.search(r"<style>(.*?)</style>", page, re.S).group(1) == css
     assert re.findall(r"<script>(.*?)</script>", page, re.S) == [js]
     csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1).replace("&#x27;", "'")
-    assert f"style-src {sha256_source(css)};" in csp and f"script-src {sha256_source(js)};" in csp
+    # Scripts: the inline one by hash, and the data scripts beside the page (report-files/) as 'self'.
+    assert f"style-src {sha256_source(css)};" in csp and f"script-src {sha256_source(js)} 'self';" in csp
     assert "default-src 'none'" in csp
 
 
@@ -72,7 +73,7 @@ def test_every_value_from_the_run_is_escaped(tmp_path):
     # The embedded data: JSON with < > & escaped, so no value can end its script element.
     data = re.search(r'<script type="application/json" id="nst-data">(.*?)</script>', page, re.S).group(1)
     assert "<" not in data and ">" not in data and "&" not in data
-    assert [r["id"] for r in json.loads(data)["records"]] == [HOSTILE_ID, "plain"]
+    assert [entry[0] for entry in json.loads(data)["rows"]] == [HOSTILE_ID, "plain"]  # the index: each row's id first
     assert 'role="alert"' in page and "UNTRAINED RANDOM WEIGHTS" in page
 
 
