@@ -24,8 +24,6 @@ machine: compare the ratios, not the absolute figures.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import os
 import subprocess
@@ -36,113 +34,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from fabricate import expected, fabricate  # noqa: E402 - tests/fabricate.py, shared with the report tests
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update"]
 BASELINE_REF = "f452bfb"  # the report before paging (one page, every card inline)
-STYLE_WEIGHTS = (1e5, 3e5, 1e6)
-
-
-def _png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def fabricate(root: Path, rows: int, *, image_every: int = 10, iterations: int = 100) -> Path:
-    """A finished run of ``rows`` rows in the stored layout; returns the run folder.
-
-    Rows: mostly succeeded (loss falling with the row number, so the last succeeded row has the lowest loss),
-    one in 50 cached, one in 50 failed, one in 100 invalid; three style weights (a varying parameter).
-    """
-    import pandas as pd
-
-    from nst_core.params import StyleParams
-    from nst_run import paths
-    from nst_run.results import BASE_COLUMNS, csv_bytes, parquet_bytes
-
-    out = root / "out"
-    inputs = root / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    contents, styles = [], []
-    for k in range(6):
-        data = _png(64, 48, (40 * k, 90, 160))
-        (inputs / f"content-{k}.png").write_bytes(data)
-        contents.append((str(inputs / f"content-{k}.png"), hashlib.sha256(data).hexdigest()))
-    for k in range(4):
-        data = _png(48, 48, (200, 50 * k, 60))
-        (inputs / f"style-{k}.png").write_bytes(data)
-        styles.append((str(inputs / f"style-{k}.png"), hashlib.sha256(data).hexdigest()))
-    output_png = _png(64, 64, (120, 120, 30))
-    base = StyleParams(weights="random:0").model_dump(mode="json")
-    curve = "iteration,total,content,style,tv\n" + "".join(
-        f"{i},{1e3 / (i + 1):.8g},{50 / (i + 1):.8g},{900 / (i + 1):.8g},{0.5 / (i + 1):.8g}\n" for i in range(iterations)
-    )
-    run = "20260101T000000000000Z-fabricated"
-    folder = out / "runs" / run
-    folder.mkdir(parents=True)
-    table = []
-    for i in range(rows):
-        row = i + 1
-        ident = f"img-{row:06d}"
-        content, content_sha = contents[i % len(contents)]
-        style, style_sha = styles[(i // 7) % len(styles)]
-        kind = "invalid" if i % 100 == 99 else "failed" if i % 50 == 23 else "cached" if i % 50 == 11 else "succeeded"
-        record = {"id": ident, "row": row, "status": kind, "error": None, "item_id": None, "output_uri": None,
-                  "content_uri": content, "style_uri": style, "meta_licence": "CC-BY-4.0", "meta_note": f"batch {i // 1000}"}  # fmt: skip
-        if kind == "invalid":
-            record["error"] = f"row {row}, column style_weight: must be > 0 (got '-3')"
-        elif kind == "failed":
-            record["error"] = f"content {content}: cannot identify image file"
-        else:
-            item = hashlib.sha256(f"item {i}".encode()).hexdigest()
-            total = 1000.0 - i * (900.0 / rows)
-            weight = STYLE_WEIGHTS[i % len(STYLE_WEIGHTS)]
-            losses = {"total": total, "content": total / 20, "style": total * 0.9, "tv": total / 2000}
-            quality = {"style_distance": 0.5 + (i % 97) / 100, "content_distance": 0.2 + (i % 89) / 100, "judge_weights": "random:1"}
-            item_dir = out / "items" / item
-            item_dir.mkdir(parents=True)
-            image = paths.image_name()
-            if i % image_every == 0:
-                (item_dir / image).write_bytes(output_png)
-            (item_dir / paths.LOSS_CSV).write_text(curve)
-            meta = {
-                "item_id": item, "engine_version": "fabricated", "created_at": "2026-01-01T00:00:00+00:00",
-                "row": {"style_weight": weight} if weight != base["style_weight"] else {},
-                "params": {**base, "style_weight": weight},
-                "inputs": {"content": {"uri": content, "sha256": content_sha}, "style": {"uri": style, "sha256": style_sha}},
-                "weights": {"spec": "random:0", "id": "random:0", "random": True, "note": ""},
-                "device": "cpu", "precision": "fp32", "worker": "fabricated:1", "iterations": iterations, "stop_reason": "iterations",
-                "wall_time_s": 2.5 + (i % 13) / 10, "final_losses": losses, "quality": quality,
-                "outputs": {"image": image, "loss_csv": paths.LOSS_CSV, "loss_png": paths.LOSS_PNG},
-            }  # fmt: skip
-            (item_dir / paths.META_FILE).write_text(json.dumps(meta))
-            record.update({
-                "item_id": item, "output_uri": str(item_dir / image), "loss_total": total, "loss_content": losses["content"],
-                "loss_style": losses["style"], "loss_tv": losses["tv"], "style_distance": quality["style_distance"],
-                "content_distance": quality["content_distance"], "iterations": iterations, "duration_s": meta["wall_time_s"],
-                "device": "cpu", "weights_id": "random:0",
-            })  # fmt: skip
-        table.append(record)
-    frame = pd.DataFrame(table)
-    for column in BASE_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = pd.Series(dtype="object")
-    frame = frame[BASE_COLUMNS + sorted(c for c in frame.columns if c not in BASE_COLUMNS)]
-    (folder / paths.RESULTS_PARQUET).write_bytes(parquet_bytes(frame))
-    (folder / paths.RESULTS_CSV).write_bytes(csv_bytes(frame))
-    summary = {"run": run, "manifest_uri": str(root / "manifest.csv"), "random_weights": True, "wall_time_s": rows * 0.5,
-               "counts": frame["status"].value_counts().to_dict()}  # fmt: skip
-    (folder / paths.SUMMARY_FILE).write_text(json.dumps(summary))
-    return folder
-
-
-def expected(rows: int) -> dict[str, str]:
-    """The ids the browser checks: the lowest-loss row (the last succeeded one) and the last row."""
-    last_done = max(i for i in range(rows) if not (i % 100 == 99 or i % 50 == 23))
-    return {"lowest_loss": f"img-{last_done + 1:06d}", "last": f"img-{rows:06d}"}
 
 
 def baseline_package(ref: str, dest: Path) -> Path:

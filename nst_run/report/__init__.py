@@ -615,7 +615,8 @@ def build_report(
     gathers what the whole run has in common (counts, parameter defaults and
     values, styles), the second writes each row's card and index entry as it
     goes. The page holds the first ``view_rows`` cards and as much of the index
-    as fits in half of ``max_file_bytes``; the rest is in data scripts beside it
+    as fits in a quarter of ``max_file_bytes`` each (the rest of the page, its
+    style, script and header, has the other half); the rest is in data scripts beside it
     (``report-files/``: cards ``page_rows`` at a time, index parts), none over
     ``max_file_bytes`` unless one card alone is. Memory is bounded by the batch
     and the run's distinct values, not by its rows.
@@ -647,10 +648,10 @@ def build_report(
         view = _RunView(run, facts, verdict_of, dest)
         thumbs = _Thumbs(dest)
         files = _DataFiles(dest)
-        half = max(1, max_file_bytes // 2)
+        quarter = max(1, max_file_bytes // 4)  # the page's share for its cards, and for its part of the index
         # Cards are HTML (escaped) in JSON strings; index entries may hold any cell, so they keep the page's escaping.
-        cards = _Pages("cards", files, _data_json, rows=page_rows, max_bytes=max_file_bytes, first_rows=view_rows, first_bytes=half)
-        index = _Pages("index", files, _script_json, rows=max(1, facts.total), max_bytes=max_file_bytes, first_rows=max(1, facts.total), first_bytes=half)
+        cards = _Pages("cards", files, _data_json, rows=page_rows, max_bytes=max_file_bytes, first_rows=view_rows, first_bytes=quarter)
+        index = _Pages("index", files, _script_json, rows=max(1, facts.total), max_bytes=max_file_bytes, first_rows=max(1, facts.total), first_bytes=quarter)
         position = 0
         for rows in iter_rows(run, batch_rows):
             loaded = _load_items(pool, run, rows, history=True)

@@ -117,9 +117,6 @@ controls.slice(0,8).forEach(function(id){
 });
 $("sort-dir").addEventListener("click",function(){dir=-dir;this.textContent=dir>0?"\u25B2":"\u25BC";apply();});
 more.addEventListener("click",function(){view.limit+=D.step;render();});
-if(window.IntersectionObserver){
-  new IntersectionObserver(function(seen){if(seen[0].isIntersecting&&!more.hidden&&!loading.textContent){view.limit+=D.step;render();}},{rootMargin:"600px"}).observe(more);
-}
 /* A click on an image opens it at full size: the stored original where the page reaches it, else the thumbnail. */
 var zoom=null;
 function closeZoom(){if(zoom){zoom.remove();zoom=null;}}
