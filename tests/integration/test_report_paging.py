@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from fabricate import expected, fabricate, item_of
+
 from nst_run import report
 
 ROWS = 1_200
