@@ -4,26 +4,34 @@
 ``summary.json``, each item's ``meta.json`` and ``loss.csv``, the decisions
 under ``decisions/``) and writes, beside them::
 
-    {run}/report.html
+    {run}/report.html                                     the page: header, controls, the first cards, the index's first part
+    {run}/report-files/index-<sha256>.js                  the rest of the index (what sorting and filtering read)
+    {run}/report-files/cards-<sha256>.js                  the rest of the cards, PAGE_ROWS a script
     {run}/thumbs/in-<sha256 of the input file>-<px>.jpg    content and style thumbnails
     {run}/thumbs/out-<item id>-<px>.jpg                   output thumbnails
 
-Thumbnail names are content addresses: an input used by a hundred rows is
-thumbnailed once, and a rebuild only makes the thumbnails that are missing.
-The page links them relatively and loads nothing else (its Content Security
-Policy allows no network access and only its own inline script and style,
-by hash), so any copy of the run folder, local or synced from S3, opens as
-is. Every value that came from a manifest (ids, ``meta_*`` cells, URIs,
+Thumbnail and data-script names are content addresses: an input used by a
+hundred rows is thumbnailed once, and a rebuild only writes what is missing
+(and deletes the data scripts the new page no longer names). The page links
+them relatively and loads nothing else (its Content Security Policy allows no
+network access, its own inline script and style by hash, and scripts and
+images from 'self': the files beside it), so any copy of the run folder, local
+or synced from S3, opens as is, from file:// with no server. A page on
+file:// cannot fetch() its neighbours but may load scripts beside it, so the
+data are scripts that hand their part to the page's script. No file is over
+MAX_FILE_BYTES and the build's memory does not grow with the run (the results
+are read in batches, twice: see :func:`build_report`). Every value that came from a manifest (ids, ``meta_*`` cells, URIs,
 errors) is HTML-escaped, and every URI is passed through
 :func:`nst_core.storage.sanitize_uri`: no query string, so no presigned URL or
 credential, is ever written.
 
-One card per manifest row: content, style and output thumbnails, the loss
+One card per manifest row (the first VIEW_ROWS on the page, more on demand): content, style and output thumbnails, the loss
 curve (inline SVG from ``loss.csv``), the parameters that differ from the
 run's defaults, the final loss terms, the quality score (style and content
 distances judged by a VGG-19 with other weights; lower is better), duration,
-status, error and the reviewers' decisions. The page sorts and filters by
-status, style, parameter, decision, loss and score, and lets a reviewer mark
+status, error and the reviewers' decisions; a click on an image opens it at
+full size. The page sorts and filters all rows by status, style, parameter,
+decision, loss and score, and lets a reviewer mark
 keep/reject on the cards and save the marks as a file for
 ``nst review RUN --from-file FILE``.
 """
@@ -794,7 +802,9 @@ def _rate(value: float | None) -> str:
 # --------------------------------------------------------------------------- template and assets
 
 # The page's style and script are inlined verbatim from static/ (their bytes, leading newline included,
-# are what the CSP hashes): the page stays one self-contained file that opens from any copy of the run folder.
+# are what the CSP hashes). The data scripts beside it need 'self' in script-src: on file:// Chromium
+# refuses them under a hash-only policy, and its 'self' there matches any file: URL, so 'self' admits
+# no more than a page whose every value is escaped could ever ask for.
 _STYLE = resources.files(__package__).joinpath("static", "report.css").read_text(encoding="utf-8")
 _SCRIPT = resources.files(__package__).joinpath("static", "report.js").read_text(encoding="utf-8")
 # Templates whose line breaks (and the indentation after them) are the file's layout only, not the page's.
