@@ -13,6 +13,8 @@ the report is built in a child process (its wall time and peak RSS, from
 
 * ``show_s``: from navigation until the first card and the total row count are on screen;
 * ``sort_s``: sorting by loss total until the row with the lowest loss (the last succeeded row) is the first card;
+* ``sort_scattered_s``: sorting by style distance until the 48th card is the 48th row by it (those rows
+  are spread over the whole run: a page of cards is loaded for almost each);
 * ``filter_s``: searching one id of the last row until it is the only card shown.
 
 The baseline is the report as it was before it was paged (``--baseline-ref``,
@@ -95,7 +97,8 @@ def browse(report: Path, rows: int, timeout_s: float) -> dict[str, float | None]
 
     want = expected(rows)
     first_id = "(() => { const h = document.querySelector('#cards article.card:not([hidden]) h2.id'); return h && h.textContent; })()"
-    timings: dict[str, float | None] = {"show_s": None, "sort_s": None, "filter_s": None}
+    timings: dict[str, float | None] = {"show_s": None, "sort_s": None, "sort_scattered_s": None, "filter_s": None}
+    nth_id = "(n => { const h = document.querySelectorAll('#cards article.card:not([hidden]) h2.id')[n - 1]; return h && h.textContent; })"
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000}, offline=True)
         try:
@@ -114,6 +117,10 @@ def browse(report: Path, rows: int, timeout_s: float) -> dict[str, float | None]
             page.select_option("#sort", "loss")
             page.wait_for_function(f"id => {first_id} === id", arg=want["lowest_loss"], timeout=timeout_s * 1000, polling=20)
             timings["sort_s"] = round(time.perf_counter() - start, 2)
+            start = time.perf_counter()
+            page.select_option("#sort", "sd")
+            page.wait_for_function(f"id => {nth_id}(48) === id", arg=want["by_sd"], timeout=timeout_s * 1000, polling=20)
+            timings["sort_scattered_s"] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
             page.fill("#f-q", want["last"])
             page.wait_for_function(
@@ -150,7 +157,7 @@ def main() -> None:
     parser.add_argument("--image-every", type=int, default=10, help="an output image in one item of every N (the rest: placeholders)")
     parser.add_argument("--iterations", type=int, default=100, help="loss.csv rows per item")
     parser.add_argument("--build-timeout", type=float, default=1800)
-    parser.add_argument("--browser-timeout", type=float, default=180)
+    parser.add_argument("--browser-timeout", type=float, default=240)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     results = []

@@ -62,7 +62,7 @@ def fabricate(root: Path, rows: int, *, image_every: int = 10, iterations: int =
         ident = f"img-{row:06d}"
         content, content_sha = contents[i % len(contents)]
         style, style_sha = styles[(i // 7) % len(styles)]
-        kind = "invalid" if i % 100 == 99 else "failed" if i % 50 == 23 else "cached" if i % 50 == 11 else "succeeded"
+        kind = status_of(i)
         record = {"id": ident, "row": row, "status": kind, "error": None, "item_id": None, "output_uri": None,
                   "content_uri": content, "style_uri": style, "meta_licence": "CC-BY-4.0", "meta_note": f"batch {i // 1000}"}  # fmt: skip
         if kind == "invalid":
@@ -74,7 +74,7 @@ def fabricate(root: Path, rows: int, *, image_every: int = 10, iterations: int =
             total = 1000.0 - i * (900.0 / rows)
             weight = STYLE_WEIGHTS[i % len(STYLE_WEIGHTS)]
             losses = {"total": total, "content": total / 20, "style": total * 0.9, "tv": total / 2000}
-            quality = {"style_distance": 0.5 + (i % 97) / 100, "content_distance": 0.2 + (i % 89) / 100, "judge_weights": "random:1"}
+            quality = {"style_distance": style_distance_of(i), "content_distance": 0.2 + (i % 89) / 100, "judge_weights": "random:1"}
             item_dir = out / "items" / item
             item_dir.mkdir(parents=True)
             image = paths.image_name()
@@ -117,7 +117,22 @@ def item_of(index: int) -> str:
     return hashlib.sha256(f"item {index}".encode()).hexdigest()
 
 
-def expected(rows: int) -> dict[str, str]:
-    """The ids the browser checks: the lowest-loss row (the last succeeded one) and the last row."""
-    last_done = max(i for i in range(rows) if not (i % 100 == 99 or i % 50 == 23))
-    return {"lowest_loss": f"img-{last_done + 1:06d}", "last": f"img-{rows:06d}"}
+def status_of(index: int) -> str:
+    """The status of the ``index``-th row (from 0): one in 100 invalid, one in 50 failed, one in 50 cached."""
+    return "invalid" if index % 100 == 99 else "failed" if index % 50 == 23 else "cached" if index % 50 == 11 else "succeeded"
+
+
+def style_distance_of(index: int) -> float:
+    """The style distance of the ``index``-th row: a saw-tooth, so its order scatters rows over the whole run."""
+    return 0.5 + (index % 97) / 100
+
+
+def expected(rows: int, shown: int = 48) -> dict[str, str]:
+    """The ids the browser checks.
+
+    ``lowest_loss``: the last row with an output (loss falls with the row); ``last``: the last row;
+    ``by_sd``: the ``shown``-th row by style distance (ties in row order), the rows before it from pages all over the run.
+    """
+    done = [i for i in range(rows) if status_of(i) in ("succeeded", "cached")]
+    by_sd = sorted(done, key=lambda i: (style_distance_of(i), i))
+    return {"lowest_loss": f"img-{done[-1] + 1:06d}", "last": f"img-{rows:06d}", "by_sd": f"img-{by_sd[min(shown, len(by_sd)) - 1] + 1:06d}"}
