@@ -156,9 +156,10 @@ def test_click_opens_the_full_image(built, page):
 
 
 def test_a_copied_report_folder_opens_sorts_and_falls_back_to_thumbnails(built, page, tmp_path):
-    """The run folder alone, copied elsewhere (no items beside it): the page, its scripts and thumbnails are enough."""
+    """The report copied elsewhere as `nst report --local-dir` does (page, data scripts, thumbnails; no items beside it)."""
     copy = tmp_path / "copied-report"
-    shutil.copytree(built, copy)
+    report.download_report(str(built), copy)
+    assert sorted(p.name for p in (copy / report.DATA_DIR).iterdir()) == sorted(p.name for p in (built / report.DATA_DIR).iterdir())
     open_report(page, copy)
     page.select_option("#sort", "loss")
     want = expected(ROWS)
