@@ -320,13 +320,16 @@ class _RunFacts:
     bounded by the run's distinct values, never by its rows' contents: no row, meta.json or card is kept.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, verdict_of: dict[str, str]) -> None:
+        self.verdict_of = verdict_of
         self.total = 0
         self.counts: Counter[str] = Counter()
-        self.items: set[str] = set()  # items of the rows with an output image
+        # Items are kept as hash(item id) only (a 64-bit int, not a 64-character string): memory per row stays small.
+        self.items: set[int] = set()  # items of the rows with an output image
+        self.verdicts: Counter[str] = Counter()  # each of those items' verdict
         self.every: dict[str, Counter[str]] = {}  # each parameter's values over the run's items (canonical JSON)
         self.blank: dict[str, Counter[str]] = {}  # the same, over the items whose row left the parameter blank
-        self.computed: dict[str, float] = {}  # device seconds of each item this run computed
+        self.computed: dict[int, float] = {}  # device seconds of each item this run computed
         self.devices: Counter[str] = Counter()
         self.weights: Counter[str] = Counter()
         self.judges: Counter[str] = Counter()
@@ -346,10 +349,11 @@ class _RunFacts:
             self.style_labels.setdefault(style, _basename(style))
             self.style_rows[style] += 1
         if status == "succeeded" and item:
-            self.computed[item] = finite_number((meta or {}).get("wall_time_s")) or finite_number(row.get("duration_s")) or 0.0
-        if status not in DONE_STATUSES or not item or item in self.items:
+            self.computed[hash(item)] = finite_number((meta or {}).get("wall_time_s")) or finite_number(row.get("duration_s")) or 0.0
+        if status not in DONE_STATUSES or not item or hash(item) in self.items:
             return
-        self.items.add(item)
+        self.items.add(hash(item))
+        self.verdicts[self.verdict_of.get(item, "undecided")] += 1
         if meta is None:
             return
         given = meta.get("row") or {}
@@ -647,7 +651,7 @@ def build_report(
     dest = str(dest_uri).rstrip("/") or str(dest_uri) if dest_uri else run.folder
     decisions = load_decisions(run, workers=workers)
     verdict_of = {item: verdict(ds) for item, ds in decisions.items()}
-    facts = _RunFacts()
+    facts = _RunFacts(verdict_of)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for rows in iter_rows(run, batch_rows):
             loaded = _load_items(pool, run, rows, history=False)
@@ -673,7 +677,7 @@ def build_report(
                 position += 1
         cards.finish()
         index.finish()
-    page = _render_page(run, facts, view, verdict_of, cards, index, view_rows=view_rows, now=now or datetime.now(UTC))
+    page = _render_page(run, facts, view, cards, index, view_rows=view_rows, now=now or datetime.now(UTC))
     target = storage.join(dest, REPORT_FILE)
     storage.write_bytes(target, page.encode("utf-8"), "text/html; charset=utf-8")
     files.prune()
@@ -726,7 +730,7 @@ def download_report(run_uri: str, local_dir: str | os.PathLike[str], *, workers:
 
 
 def _render_page(
-    run: Run, facts: _RunFacts, view: _RunView, verdict_of: dict[str, str], cards: _Pages, index: _Pages, *, view_rows: int, now: datetime
+    run: Run, facts: _RunFacts, view: _RunView, cards: _Pages, index: _Pages, *, view_rows: int, now: datetime
 ) -> str:
     """The page (``templates/report.html.j2``): the run's header, the controls, the first cards, the index's first part."""
     summary = run.summary
@@ -739,7 +743,6 @@ def _render_page(
     random_note = _weights_note(facts.weights) or (
         "UNTRAINED RANDOM WEIGHTS (random:N) were used in this run: outputs are smoke-test quality." if summary.get("random_weights") else ""
     )
-    verdicts = Counter(verdict_of.get(item, "undecided") for item in facts.items)
     defaults, varying, builtin = view.defaults, view.varying, _builtin_defaults()
     sorts = [("row", "row"), ("id", "id"), ("status", "status"), ("style", "style"), ("loss", "loss total"),
              ("sd", "style distance"), ("cd", "content distance"), ("dur", "time")]  # fmt: skip
@@ -759,7 +762,7 @@ def _render_page(
         stats={
             "total": facts.total,
             "statuses": [(s, counts.get(s, 0)) for s in STATUSES if counts.get(s) or s in ALWAYS_SHOWN_STATUSES],
-            "verdicts": [(v, verdicts.get(v, 0)) for v in VERDICTS],
+            "verdicts": [(v, facts.verdicts.get(v, 0)) for v in VERDICTS],
         },
         facts={
             "device_time": fmt_duration(device_s), "computed": len(facts.computed),
