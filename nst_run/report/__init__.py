@@ -580,7 +580,8 @@ class _Pages:
         if not self._pieces:
             self._start = index
         self._pieces.append(piece)
-        self._items.append(item)
+        if not self.parts:  # only the page's part keeps its items; a script's part keeps their JSON text alone
+            self._items.append(item)
         self._size += size
 
     def _flush(self) -> None:
