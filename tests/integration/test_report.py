@@ -138,8 +138,8 @@ def test_report_in_headless_chromium(local_run, tmp_path):
             page.fill("#f-sd", "")
             page.select_option("#sort", "sd")
             order = visible_ids()
-            scores = page.evaluate("JSON.parse(document.getElementById('nst-data').textContent).records")
-            by_id = {r["id"]: r["sd"] for r in scores}
+            index = page.evaluate("JSON.parse(document.getElementById('nst-data').textContent).rows")
+            by_id = {entry[0]: entry[5] for entry in index}  # the index's entries: id first, style distance sixth (report._RunView.row)
             assert order[:3] == sorted(order[:3], key=lambda i: by_id[i]) and sorted(order[3:]) == ["bad", "missing"]
             # Marks on the page become a decisions file for `nst review --from-file`.
             page.locator("article.card", has_text="plain").locator("button[data-act=keep]").click()
