@@ -102,7 +102,7 @@ def _summary_markdown(summary: dict[str, Any], failures: list[Outcome]) -> str:
         f"- manifest: `{summary['manifest_uri']}`",
         f"- outputs: `{summary['run_folder']}`",
         f"- results: `{summary['run_folder']}/results.csv` (and `.parquet`)",
-        *([f"- report: `{summary['report']}` (static page with thumbnails beside it; `nst report {summary['run_folder']} --open` opens a local copy)"] if summary.get("report") else []),
+        *([f"- report: `{summary['report']}` (a static page with its thumbnails and data files beside it; `nst report {summary['run_folder']} --open` opens a local copy)"] if summary.get("report") else []),
         f"- rows: {summary['rows']}; " + ", ".join(f"{status} {n}" for status, n in counts.items()),
         f"- wall time: {summary['wall_time_s']:.1f} s",
     ]
