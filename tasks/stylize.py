@@ -78,6 +78,12 @@ class Outcome:
     content_distance: float | None = None
     meta: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Every cell the results table, artifacts and logs show comes through here: no credential passes.
+        self.id, self.error = storage.sanitize_uri(self.id), storage.sanitize_uri(self.error)
+        self.content_uri, self.style_uri = storage.sanitize_uri(self.content_uri), storage.sanitize_uri(self.style_uri)
+        self.meta = storage.sanitize_cells(self.meta)
+
     def as_row(self) -> dict[str, Any]:
         data = asdict(self)
         losses, meta = data.pop("losses"), data.pop("meta")
