@@ -159,9 +159,11 @@ def decode_csv(data: bytes, source: str) -> tuple[list[str], list[dict[str, str]
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise ManifestError(f"manifest {source}: duplicate column(s) {', '.join(dupes)}")
     rows = []
-    for number, record in enumerate(records, start=1):
+    number = 0  # rows count data rows: blank lines neither take a number nor count towards max_items
+    for record in records:
         if not any(cell.strip() for cell in record):
             continue  # blank line
+        number += 1
         if len(record) != len(names):
             rows.append({"__bad__": f"has {len(record)} cells, the header has {len(names)}", "__row__": str(number)})
             continue

@@ -218,8 +218,9 @@ def _without_userinfo_anywhere(token: str) -> str:
     return token[:start] + "***" + token[at:]
 
 
-def _sanitize(text: str) -> str:
-    parts = _TOKEN_SPLIT.split(_one_line(str(text)))
+def _mask_credentials(text: str) -> str:
+    """``text`` with its credential-looking parts masked and everything else (whitespace too) as it was."""
+    parts = _TOKEN_SPLIT.split(text)
     cleaned = "".join(part if i % 2 else _sanitize_token(part) for i, part in enumerate(parts))
     cleaned = _CREDENTIAL_PARAM.sub(lambda m: m.group(1) + "=***", cleaned)
     return _AWS_KEY_ID.sub("***", cleaned)
@@ -236,17 +237,18 @@ def sanitize_uri(uri: str) -> str:
     anywhere lose their value, and AWS access key ids are masked. Other local
     paths come back unchanged.
     """
-    return _sanitize(uri)
+    return _mask_credentials(_one_line(str(uri)))
 
 
 def sanitize_cells(value: T) -> T:
-    """``value`` with :func:`sanitize_uri` applied to every string in it (dicts, lists and tuples walked).
+    """``value`` with credential-looking parts masked in every string in it (dicts, lists and tuples walked).
 
     For records built from manifest cells (results rows, ``meta.json``): whatever a
-    cell holds, its credential-looking parts never leave it.
+    cell holds, its credential-looking parts never leave it; the rest of it is kept
+    as it was (whitespace too, unlike :func:`sanitize_uri`).
     """
     if isinstance(value, str):
-        return sanitize_uri(value)  # type: ignore[return-value]
+        return _mask_credentials(value)  # type: ignore[return-value]
     if isinstance(value, dict):
         return {k: sanitize_cells(v) for k, v in value.items()}  # type: ignore[return-value]
     if isinstance(value, (list, tuple)):
@@ -261,7 +263,7 @@ def sanitize_text(text: str, limit: int = 300) -> str:
 
 def _sanitize_text(text: str, limit: int = 300) -> str:
     """Sanitise every token of ``text`` and cap its length."""
-    cleaned = _sanitize(text)
+    cleaned = sanitize_uri(text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 

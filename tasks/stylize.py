@@ -80,8 +80,8 @@ class Outcome:
 
     def __post_init__(self) -> None:
         # Every cell the results table, artifacts and logs show comes through here: no credential passes.
-        self.id, self.error = storage.sanitize_uri(self.id), storage.sanitize_uri(self.error)
-        self.content_uri, self.style_uri = storage.sanitize_uri(self.content_uri), storage.sanitize_uri(self.style_uri)
+        self.id, self.error = storage.sanitize_cells(self.id), storage.sanitize_cells(self.error)
+        self.content_uri, self.style_uri = storage.sanitize_cells(self.content_uri), storage.sanitize_cells(self.style_uri)
         self.meta = storage.sanitize_cells(self.meta)
 
     def as_row(self) -> dict[str, Any]:
@@ -122,18 +122,23 @@ def read_manifest(manifest_uri: str, defaults: StyleParams, allow_local_paths: b
 # --- resolving ----------------------------------------------------------------------------
 
 
-def _weights_identity(params: StyleParams) -> tuple[str, str | None]:
-    """(weights id, local path) without loading a network; files are fetched and hashed."""
+def _weights_identity(weights: str) -> tuple[str, str | None]:
+    """(weights id, local path) of a weights spec without loading a network; files are fetched and hashed."""
     from nst_core.network import sha256_file, weights_id
 
-    spec = WeightsSpec.parse(params.weights)
+    spec = WeightsSpec.parse(weights)
     if spec.kind != "file":
-        return weights_id(params.weights), None
-    local = str(storage.fetch_to_cache(params.weights))
-    digest = sha256_file(local)
-    if params.weights_sha256 and digest != params.weights_sha256.lower():
+        return weights_id(weights), None
+    local = str(storage.fetch_to_cache(weights))
+    return "sha256:" + sha256_file(local), local
+
+
+def _check_weights_sha256(params: StyleParams, weights_id: str) -> None:
+    """The row's own ``weights_sha256`` against the file's id (checked per row: the id is cached per URI)."""
+    expected = (params.weights_sha256 or "").lower()
+    if expected and weights_id != "sha256:" + expected:
+        digest = weights_id.removeprefix("sha256:")
         raise NSTError(f"weights {storage.sanitize_uri(params.weights)}: sha256 is {digest}, expected {params.weights_sha256}")
-    return "sha256:" + digest, local
 
 
 @task(name="resolve-items", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
@@ -171,13 +176,18 @@ def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: in
             continue
         if row.params.weights not in weights:
             try:
-                weights[row.params.weights] = _weights_identity(row.params)
+                weights[row.params.weights] = _weights_identity(row.params.weights)
             except (storage.StorageError, NSTError) as exc:
                 weights[row.params.weights] = exc
         ident = weights[row.params.weights]
-        if isinstance(ident, Exception):
-            resolved.append(outcome_for_row(row, "failed", error=str(ident)))
+        try:
+            if isinstance(ident, Exception):
+                raise ident
+            _check_weights_sha256(row.params, ident[0])
+        except (storage.StorageError, NSTError) as exc:
+            resolved.append(outcome_for_row(row, "failed", error=str(exc)))
             continue
+        assert not isinstance(ident, Exception)
         sha = {role: str(hashes[uri]) for role, uri in row.input_uris().items()}
         work = Work(row, items.item_id(sha, row.params, ident[0]), sha, ident[0], ident[1], sizes[row.content_uri])
         resolved.append(work)
@@ -290,18 +300,19 @@ def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | N
     params = batch[0][0].row.params
     jobs = [_job(work, loaded) for work, loaded in batch]
     with DEVICES.acquire(params.device) as device:
-        return DEVICES.run(device, _optimise_and_judge, jobs, device, batch[0][0].weights_path, time_limit_s)
+        return DEVICES.run(device, _optimise_and_judge, jobs, device, batch[0][0], time_limit_s)
 
 
-def _optimise_and_judge(jobs: list[engine.Job], device: torch.device, weights_path: str | None, time_limit_s: float | None) -> list[engine.StyleResult]:
+def _optimise_and_judge(jobs: list[engine.Job], device: torch.device, first: Work, time_limit_s: float | None) -> list[engine.StyleResult]:
     """Everything a batch computes with PyTorch, run on the device's thread: optimise, judge, convert to RGB."""
     params = jobs[0].params
     network = load_network(
         params.weights,
         pooling=params.pooling,
         device=device,
-        weights_path=weights_path,
-        weights_sha256=params.weights_sha256,
+        weights_path=first.weights_path,
+        # The id the items were named by: a weights file replaced since then fails them, never computes them.
+        weights_sha256=first.weights_id.removeprefix("sha256:") if first.weights_id.startswith("sha256:") else None,
         normalize=params.normalize_network,
     )
     results = engine.stylize_batch(jobs, network=network, cache=STYLE_CACHE, time_limit_s=time_limit_s)

@@ -86,3 +86,245 @@ def test_nst_stylize_never_prints_a_credential_from_a_malformed_uri(tmp_path, sa
             assert out.returncode == 2, (form, args, out.stderr[-500:])
             leaked = find_sentinels([("stdout", out.stdout), ("stderr", out.stderr)], {"key": key, "secret": secret[6:]})
             assert leaked == [], (form, args, out.stderr[-500:])
+
+
+# --------------------------------------------------------------------------- 2, 3. weights identity
+
+
+def _state_dict(seed: int):
+    from test_engine_network import make_state_dict
+
+    return make_state_dict(seed=seed)
+
+
+def _samples(folder: Path) -> tuple[str, str, str]:
+    """Two content images and a style image of the sample set, as paths."""
+    return tuple(str(folder / n) for n in ("tubingen.jpg", "hoovertowernight.jpg", "starry_night.jpg"))  # type: ignore[return-value]
+
+
+def _local_flow(manifest: Path, output: Path, **kwargs):
+    from flows.stylize_manifest import stylize_manifest
+
+    state = stylize_manifest(manifest_uri=str(manifest), output_uri=str(output), defaults=TINY, allow_local_paths=True,
+                             retries=0, return_state=True, **kwargs)  # fmt: skip
+    summary = state.result(raise_on_failure=False)
+    assert isinstance(summary, dict), summary
+    return _results(summary)
+
+
+def _results(summary: dict) -> dict[str, dict[str, str]]:
+    import io
+
+    import pandas as pd
+
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(summary["results_csv"])), dtype=str, keep_default_na=False)
+    return {row["id"]: row for row in frame.to_dict("records")}
+
+
+def _meta(row: dict[str, str]) -> dict:
+    import json
+
+    return json.loads(storage.read_bytes(storage.join(row["output_uri"].rsplit("/", 1)[0], "meta.json")))
+
+
+def test_weights_sha256_is_checked_for_every_row_whatever_the_order(prefect_server, tmp_path, sample_images):
+    import hashlib
+    import shutil
+
+    import torch
+
+    first, second = tmp_path / "w1.pth", tmp_path / "w2.pth"
+    torch.save(_state_dict(seed=7), first)
+    shutil.copyfile(first, second)  # two URIs: the weights identity was cached per URI
+    digest, wrong = hashlib.sha256(first.read_bytes()).hexdigest(), "0" * 64
+    tubingen, hoover, starry = _samples(sample_images)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,content_uri,style_uri,weights,weights_sha256\n"
+        f"unchecked,{tubingen},{starry},{first},\n"
+        f"wrong-after,{tubingen},{starry},{first},{wrong}\n"
+        f"wrong-before,{hoover},{starry},{second},{wrong}\n"
+        f"right-after,{hoover},{starry},{second},{digest}\n"
+    )
+    rows = _local_flow(manifest, tmp_path / "out")
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "unchecked": "succeeded", "wrong-after": "failed", "wrong-before": "failed", "right-after": "succeeded",
+    }, {k: (r["status"], r["error"]) for k, r in rows.items()}  # fmt: skip
+    for name in ("wrong-after", "wrong-before"):
+        assert f"sha256 is {digest}, expected {wrong}" in rows[name]["error"]
+    assert _meta(rows["right-after"])["params"]["weights_sha256"] == digest
+
+
+def test_a_weights_file_replaced_between_runs_of_one_process_is_loaded_again(prefect_server, tmp_path, sample_images):
+    import torch
+
+    weights = tmp_path / "vgg.pth"
+    torch.save(_state_dict(seed=7), weights)
+    tubingen, hoover, starry = _samples(sample_images)
+    manifest = tmp_path / "m.csv"
+
+    def run(content: str, weights_file: Path, output: Path) -> dict[str, str]:
+        manifest.write_text(f"id,content_uri,style_uri,weights\nr,{content},{starry},{weights_file}\n")
+        row = _local_flow(manifest, output)["r"]
+        assert row["status"] == "succeeded", row["error"]
+        return row
+
+    run(tubingen, weights, tmp_path / "out")  # this process now holds the network of the first file
+    replacement = tmp_path / "replacement.pth"
+    torch.save(_state_dict(seed=8), replacement)
+    replacement.replace(weights)  # the file is replaced (a new inode, as a copy tool does)
+    after = run(hoover, weights, tmp_path / "out")
+    from nst_core.network import clear_cache
+
+    clear_cache()  # the reference loads the new file from disk, whatever the cache held
+    reference = run(hoover, weights, tmp_path / "reference")
+    assert after["item_id"] == reference["item_id"]  # named by the new file's bytes, as before
+    got, expected = _meta(after)["final_losses"], _meta(reference)["final_losses"]
+    assert got["total"] == pytest.approx(expected["total"], rel=1e-4), (got, expected)  # and computed with them
+
+
+# --------------------------------------------------------------------------- 4. device and precision in the batch key
+
+
+def test_a_row_runs_on_the_device_it_asked_for_or_fails_alone(prefect_server, tmp_path, sample_images):
+    import torch
+
+    tubingen, hoover, starry = _samples(sample_images)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,content_uri,style_uri,device,precision,seed\n"
+        f"gpu,{tubingen},{starry},cuda:0,,1\n"
+        f"cpu,{tubingen},{starry},cpu,,2\n"
+        f"auto,{tubingen},{starry},,,3\n"
+        f"cpu-fp32,{hoover},{starry},cpu,fp32,4\n"
+        f"gpu-bf16,{hoover},{starry},cuda:0,bf16,5\n"
+        f"auto-auto,{hoover},{starry},,,6\n"
+    )
+    rows = _local_flow(manifest, tmp_path / "out", batch_size=3)
+    cuda = torch.cuda.is_available()
+    for name in ("gpu", "gpu-bf16"):
+        if cuda:
+            assert rows[name]["status"] == "succeeded" and _meta(rows[name])["device"].startswith("cuda"), rows[name]
+        else:
+            assert rows[name]["status"] == "failed" and "CUDA is not available" in rows[name]["error"], rows[name]
+    for name in ("cpu", "cpu-fp32", "auto", "auto-auto"):
+        assert rows[name]["status"] == "succeeded", rows[name]["error"]
+    for name in ("cpu", "cpu-fp32"):
+        assert _meta(rows[name])["device"] == "cpu"
+    assert _meta(rows["cpu-fp32"])["precision"] == "fp32"
+    if cuda:
+        assert _meta(rows["gpu-bf16"])["precision"] == "bf16"
+
+
+# --------------------------------------------------------------------------- 5. JPEGs with many EXIF segments
+
+
+def _jpeg_with_exif_segments(count: int) -> bytes:
+    """A 64x48 JPEG whose EXIF says 'rotate 90°', followed by ``count`` more full-size EXIF segments."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, format="JPEG", exif=exif.tobytes())
+    data = buffer.getvalue()
+    first_app1 = data.index(b"\xff\xe1")
+    end_of_first = first_app1 + 2 + int.from_bytes(data[first_app1 + 2 : first_app1 + 4], "big")
+    filler = b"Exif\0\0" + b"MM\0*" + bytes(65533 - 2 - 10)
+    segment = b"\xff\xe1" + (len(filler) + 2).to_bytes(2, "big") + filler
+    return data[:end_of_first] + segment * count + data[end_of_first:]
+
+
+def test_a_jpeg_with_many_exif_segments_is_opened_reading_a_bounded_amount_of_metadata():
+    from nst_core import images
+
+    data = _jpeg_with_exif_segments(300)  # ~20 MB of EXIF segments
+    assert len(data) > 300 * 65000
+    with images._open(data, "exif-heavy.jpg") as opened:  # what Pillow parsed with the header
+        assert len(opened.info.get("exif", b"")) < 65536  # one EXIF segment, not 300 concatenated
+        assert sum(len(s) for _, s in opened.applist) <= 1 << 20
+    assert images.load_image(data, name="exif-heavy.jpg").size == (48, 64)  # the first segment's orientation applies
+    assert images.header_size(data) == (48, 64)
+    with_icc = _jpeg_with_exif_segments(0)
+    assert images.load_image(with_icc).size == (48, 64)
+
+
+# --------------------------------------------------------------------------- 7, 8. export and review of a stored run
+
+
+@pytest.fixture(scope="module")
+def one_run(prefect_server, tmp_path_factory, sample_images) -> str:
+    """The folder of a finished local run with one stylised item (id 'a')."""
+    root = tmp_path_factory.mktemp("one-run")
+    manifest = root / "m.csv"
+    manifest.write_text(f"id,content_uri,style_uri\na,{sample_images / 'tubingen.jpg'},{sample_images / 'starry_night.jpg'}\n")
+    rows = _local_flow(manifest, root / "out")
+    assert rows["a"]["status"] == "succeeded", rows["a"]["error"]
+    (run_folder,) = (root / "out" / "runs").iterdir()
+    return str(run_folder)
+
+
+def _nst(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NST, *args], capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def test_nst_export_never_overwrites_a_card_or_metadata_it_did_not_write(one_run, tmp_path):
+    for name in ("README.md", "metadata.jsonl"):
+        dest = tmp_path / f"dest-{name}"
+        dest.mkdir()
+        (dest / name).write_text("# my own dataset card, written by hand\n")
+        out = _nst("export", one_run, str(dest))
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert name in out.stderr and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert (dest / name).read_text() == "# my own dataset card, written by hand\n"
+        assert not (dest / "images").exists()  # refused before anything was written
+
+    dest = tmp_path / "ours"
+    assert _nst("export", one_run, str(dest)).returncode == 0
+    card = (dest / "README.md").read_text()
+    again = _nst("export", one_run, str(dest))  # its own files: exporting again is fine
+    assert again.returncode == 0, again.stderr
+    assert (dest / "README.md").read_text() == card
+    (dest / "README.md").write_text(card + "\nA paragraph the owner added.\n")
+    edited = _nst("export", one_run, str(dest))
+    assert edited.returncode == 2 and "README.md" in edited.stderr, edited.stderr
+    assert (dest / "README.md").read_text().endswith("A paragraph the owner added.\n")
+
+
+@pytest.mark.parametrize("note", [5, 2.5, ["a", "b"], {"text": "x"}, True])
+def test_a_decisions_file_whose_note_is_not_text_is_refused_clearly(one_run, tmp_path, note):
+    import json
+
+    from nst_core import review
+
+    path = tmp_path / "decisions.json"
+    entries = [{"id": "a", "decision": "keep", "note": "fine"}, {"id": "a", "decision": "reject", "note": note}]
+    path.write_text(json.dumps({"format": review.BULK_FORMAT, "reviewer": "ann", "decisions": entries}))
+    out = _nst("review", one_run, "--from-file", str(path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert "entry 2" in out.stderr and "note must be text" in out.stderr, out.stderr
+    assert not (Path(one_run) / "decisions").exists()  # a bad file stores nothing
+
+
+# --------------------------------------------------------------------------- 9. blank lines in the manifest
+
+
+def test_blank_lines_neither_number_rows_nor_count_towards_max_items(prefect_server, tmp_path, sample_images):
+    from nst_core.manifest import parse_manifest
+
+    content, style = sample_images / "tubingen.jpg", sample_images / "starry_night.jpg"
+    text = f"id,content_uri,style_uri,iterations\n\n,{content},{style},\n\n\n,{content},{style},-1\n  ,  ,  ,  \n,{content},{style},3\n"
+    manifest = parse_manifest(text.encode(), allow_local_paths=True)
+    assert [r.row for r in manifest.rows] == [1, 3] and [r.id for r in manifest.rows] == ["1", "3"]
+    assert [(bad.row, bad.id, bad.column) for bad in manifest.invalid] == [(2, "2", "iterations")]
+    assert [r.row for r in parse_manifest(text.encode(), allow_local_paths=True, max_items=2).rows] == [1]
+
+    path = tmp_path / "blank.csv"
+    path.write_text(text)
+    out = _nst("validate", str(path))
+    assert "row 2, column iterations" in out.stdout + out.stderr, out.stdout + out.stderr
+    rows = _local_flow(path, tmp_path / "out", max_items=2)
+    assert sorted(rows) == ["1", "2"] and rows["1"]["status"] == "succeeded" and rows["2"]["status"] == "invalid"
