@@ -328,3 +328,84 @@ def test_blank_lines_neither_number_rows_nor_count_towards_max_items(prefect_ser
     assert "row 2, column iterations" in out.stdout + out.stderr, out.stdout + out.stderr
     rows = _local_flow(path, tmp_path / "out", max_items=2)
     assert sorted(rows) == ["1", "2"] and rows["1"]["status"] == "succeeded" and rows["2"]["status"] == "invalid"
+
+
+# --------------------------------------------------------------------------- 6. signals to `nst run`
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every live descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = commands.get(child, "")
+                frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for(condition, timeout_s: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (value := condition()):
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGHUP",), ("SIGINT", "SIGINT")])
+def test_a_signal_to_nst_run_stops_prefects_temporary_server_too(tmp_path, sample_images, signals):
+    import signal
+    import time
+
+    tubingen, _hoover, starry = _samples(sample_images)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,content_uri,style_uri\nslow,{tubingen},{starry}\n")
+    output = tmp_path / "out"
+    env = {k: v for k, v in _env().items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), NST_THREADS="1")
+    nst = subprocess.Popen([NST, "run", str(manifest), "-o", str(output), "--set", "size=64", "--set", "iterations=5000",
+                            "--set", "weights=random:0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)  # fmt: skip
+    server: dict[int, str] = {}
+    try:
+        # The item is being computed (its lease is there) by a flow on the temporary server (a uvicorn child).
+        _wait_for(lambda: any((output / "items").glob("*/.lease")), 300, "the item's lease")
+        server = _wait_for(lambda: {p: c for p, c in _descendants(nst.pid).items() if "uvicorn" in c}, 10, "Prefect's server")
+        for k, name in enumerate(signals):
+            if k:
+                time.sleep(1.0)  # the issue's case: a second Ctrl-C a second after the first
+            nst.send_signal(getattr(signal, name))
+        _stdout, stderr = nst.communicate(timeout=180)
+        assert nst.returncode in (130, 128 + getattr(signal, signals[-1])), (nst.returncode, stderr[-2000:])
+        assert "can't register atexit" not in stderr, stderr[-2000:]
+        assert stderr.count("\n") < 40, stderr[-2000:]
+        _wait_for(lambda: not any(_alive(p) for p in server), 60, "Prefect's server to stop")
+    finally:
+        if nst.poll() is None:
+            os.killpg(nst.pid, signal.SIGKILL)
+        for pid in server:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
