@@ -143,8 +143,9 @@ class WeightsSpec:
             return WeightsSpec("imagenet")
         if text.startswith("random:"):
             seed = text.removeprefix("random:")
-            if not seed.isdigit():
-                raise ValueError(f"weights {text!r}: 'random:' must be followed by a non-negative integer seed")
+            if not (seed.isascii() and seed.isdigit()) or int(seed) >= MAX_RANDOM_SEED:
+                # torch's generator takes 64-bit seeds: a larger one would pass here and fail in the flow
+                raise ValueError(f"weights {text!r}: 'random:' must be followed by an integer seed from 0 to {MAX_RANDOM_SEED - 1}")
             return WeightsSpec("random", seed=int(seed))
         if not text:
             raise ValueError("weights must not be empty")
@@ -175,6 +176,9 @@ def weights_id(weights: str, local_path: str | None = None) -> str:
     if spec.kind == "random":
         return f"random:{spec.seed}"
     return "sha256:" + sha256_file(local_path or spec.path or "")
+
+
+MAX_RANDOM_SEED = 2**63  # random:N takes 0 <= N < 2**63, as the seed parameter does
 
 
 def _random_state_dict(features: nn.Sequential, seed: int) -> dict[str, Tensor]:

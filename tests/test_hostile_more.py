@@ -409,3 +409,30 @@ def test_a_signal_to_nst_run_stops_prefects_temporary_server_too(tmp_path, sampl
         for pid in server:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- 10. weaker findings
+
+
+def test_a_random_seed_torch_cannot_take_is_invalid_at_validation():
+    from nst_core.manifest import parse_manifest
+    from nst_core.network import MAX_RANDOM_SEED, load_network
+
+    rows = "".join(f"s3://bkt/a.jpg,s3://bkt/b.jpg,{w}\n" for w in ("random:99999999999999999999", f"random:{MAX_RANDOM_SEED}", "random:²"))
+    manifest = parse_manifest(("content_uri,style_uri,weights\n" + rows + f"s3://bkt/a.jpg,s3://bkt/b.jpg,random:{MAX_RANDOM_SEED - 1}\n").encode())
+    assert [(bad.row, bad.column) for bad in manifest.invalid] == [(1, "weights"), (2, "weights"), (3, "weights")]
+    assert [r.row for r in manifest.rows] == [4]
+    assert load_network(manifest.rows[0].params.weights).weights_id == f"random:{MAX_RANDOM_SEED - 1}"  # the largest seed loads
+
+
+def test_nst_stylize_refuses_to_write_over_one_of_its_inputs(tmp_path, sample_images):
+    import shutil
+
+    content, style = tmp_path / "content.jpg", tmp_path / "style.jpg"
+    shutil.copyfile(sample_images / "tubingen.jpg", content)
+    shutil.copyfile(sample_images / "starry_night.jpg", style)
+    before = content.read_bytes(), style.read_bytes()
+    for out in (content, style, tmp_path / "." / "style.jpg"):
+        result = _nst("stylize", str(content), str(style), "-o", str(out), "--size", "32", "--iterations", "1", "--weights", "random:0")
+        assert result.returncode == 2 and "would be overwritten" in result.stderr, result.stderr
+    assert (content.read_bytes(), style.read_bytes()) == before
