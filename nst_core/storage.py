@@ -992,6 +992,8 @@ def _s3_fallback_replace(p: ParsedUri, text: str, data: bytes, version: str, con
 def _local_if_version(p: ParsedUri, text: str, version: str, act: Callable[[Path], T]) -> T | None:
     """``act(path)`` under the folder's ``flock`` while the file's bytes hash to ``version``; None when they do not."""
     assert p.path is not None
+    if not p.path.parent.is_dir():
+        return None  # no folder, so no file in the state read
     try:
         with _directory_lock(p.path.parent):
             if _local_version(p.path) != version:
