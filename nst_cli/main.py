@@ -78,6 +78,22 @@ def _snapshot_path(out: str, iteration: int) -> str:
     return _sibling(out, f".snap-{iteration:05d}.png")
 
 
+def _same_address(a: str, b: str) -> bool:
+    """Whether two addresses name one object (local paths compared as real files, S3 by bucket and key)."""
+    from nst_core import storage
+
+    try:
+        pa, pb = storage.parse_uri(a), storage.parse_uri(b)
+    except ValueError:
+        return False
+    if pa.scheme != pb.scheme:
+        return False
+    if pa.scheme == "s3":
+        return (pa.bucket, pa.key) == (pb.bucket, pb.key)
+    assert pa.path is not None and pb.path is not None
+    return os.path.realpath(pa.path) == os.path.realpath(pb.path)
+
+
 def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool) -> int:
     from nst_core import engine, history, images, storage
     from nst_core.network import resolve_device
@@ -96,6 +112,9 @@ def _run_engine(content_uri: str, style_uri: str, out: str, params, quiet: bool)
     except StyleInputsError as exc:
         name = "STYLE" if exc.field == "style_uri" else "--" + exc.field.replace("_", "-")
         raise UsageError(f"{name}: {exc.reason}") from None
+    inputs = [content_uri, *style_uris, *(params.style_masks or ()), *([params.init] if params.init_is_image else [])]
+    if any(_same_address(out, uri) for uri in inputs):
+        raise UsageError(f"-o {storage.sanitize_uri(out)}: is one of the input images; it would be overwritten")
     content = _read_image(content_uri, params.max_pixels)
     styles = [content if uri == content_uri else _read_image(uri, params.max_pixels) for uri in style_uris]
     masks = [_read_image(uri, params.max_pixels) for uri in params.style_masks] if params.style_masks else None

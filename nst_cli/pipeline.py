@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from nst_cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, build_params
@@ -27,6 +32,67 @@ def _quiet_prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+STOP_GRACE_S = 10.0  # after a first signal, how long the orderly stop may take before it is cut short
+_stopping = threading.Event()
+
+
+def _stop_cleanly(signum: int, frame: Any) -> None:
+    """A first SIGINT, SIGTERM or SIGHUP stops the run as Ctrl-C does; a second one (or ``STOP_GRACE_S``) at once.
+
+    SIGTERM's and SIGHUP's default action killed the process on the spot, leaving Prefect's
+    temporary server (a child process stopped only at interpreter exit) running without a
+    parent. The orderly stop (KeyboardInterrupt) waits for the task threads, i.e. for the
+    optimisation in progress; a second Ctrl-C during it used to break the interpreter's exit
+    ("can't register atexit after shutdown", once per thread). Now a second signal, or the
+    grace period running out, stops the temporary server and exits at once (128 + signal);
+    leases left behind expire by their TTL, as after a crash.
+    """
+    if _stopping.is_set():
+        _stop_now(signum)
+    _stopping.set()
+    print(f"nst: {signal.Signals(signum).name}: stopping (a second signal stops at once)", file=sys.stderr, flush=True)
+    threading.Thread(target=_stop_after_grace, args=(signum,), name="nst-stop-grace", daemon=True).start()
+    raise KeyboardInterrupt
+
+
+def _stop_after_grace(signum: int) -> None:
+    time.sleep(STOP_GRACE_S)
+    _stop_now(signum)
+
+
+def _stop_now(signum: int) -> None:
+    """Stop Prefect's temporary server (if this process started one) and exit without waiting for threads."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            with contextlib.suppress(Exception):
+                server.stop()
+    except Exception:  # noqa: BLE001 - stopping must not fail on Prefect's internals
+        pass
+    print(f"nst: stopped ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def _stopped_cleanly_by_signals() -> Iterator[None]:
+    """While the flow runs (in the main thread): SIGINT, SIGTERM and SIGHUP go to :func:`_stop_cleanly`.
+
+    The handlers stay installed after an interrupt, so that the interpreter's exit (which stops
+    Prefect's temporary server) is not cut short; otherwise the previous ones are put back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _stop_cleanly) for s in _STOP_SIGNALS}
+    yield  # an exception (KeyboardInterrupt) leaves the handlers (or SIG_IGN) in place
+    for stop_signal, handler in previous.items():
+        signal.signal(stop_signal, handler)
 
 
 def _defaults(sets: dict[str, str]):
@@ -167,7 +233,7 @@ def _run_flow(
         raise UsageError("invalid run option: " + "; ".join("--" + line.replace("_", "-", line.find(":")) if ":" in line else line for line in lines)) from None
     finally:
         flow_logger.disabled = False
-    with listening(ProgressLine(sys.stderr)):
+    with _stopped_cleanly_by_signals(), listening(ProgressLine(sys.stderr)):
         state = stylize_manifest(**parameters, return_state=True)
     try:
         summary = state.result(raise_on_failure=False)

@@ -517,13 +517,15 @@ def estimate_item_bytes(height: int, width: int, params: StyleParams) -> int:
     return int(4 * (2 * activations + history) * 1.25)
 
 
-def network_for(params: StyleParams, device: torch.device, weights_path: str | None = None) -> Network:
+def network_for(params: StyleParams, device: torch.device, weights_path: str | None = None, weights_sha256: str | None = None) -> Network:
     """The (cached) network ``params`` ask for on ``device``: weights, pooling, normalisation.
 
     Args:
         params: the item's parameters (``weights``, ``weights_sha256``, ``pooling``, ``normalize_network``).
         device: where the network lives.
         weights_path: a local copy of a remote weights file (fetched by the caller), else None.
+        weights_sha256: the sha256 the weights file must have, when the caller knows it (the hash an
+            item was named by); else ``params.weights_sha256``.
 
     Raises:
         WeightsError: the weights cannot be loaded (see :func:`nst_core.network.load_network`).
@@ -533,7 +535,7 @@ def network_for(params: StyleParams, device: torch.device, weights_path: str | N
         pooling=params.pooling,
         device=device,
         weights_path=weights_path,
-        weights_sha256=params.weights_sha256,
+        weights_sha256=weights_sha256 or params.weights_sha256,
         normalize=params.normalize_network,
     )
 

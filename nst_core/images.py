@@ -15,6 +15,11 @@ Hostile files:
   :data:`MAX_PNG_TEXT_TOTAL` in all, are ignored: the chunks are skipped before
   Pillow parses them, so a 50 MB comment or a zTXt "zip bomb" costs neither
   memory nor a refusal (the pixels are what is used);
+* JPEG metadata segments (APPn, COM) are kept up to :data:`JPEG_METADATA_BUDGET`
+  bytes in all, and only the first EXIF segment (the one with the orientation):
+  the rest are skipped before Pillow parses them, which would concatenate every
+  EXIF segment into one ever-growing buffer (quadratic time: a 128 MB file of
+  EXIF segments took a minute to open);
 * any error Pillow raises while reading the header or decoding becomes an
   :class:`ImageError` (never a bare ``ValueError`` that would fail a batch).
 """
@@ -59,6 +64,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_TEXT_BYTES = 1 << 20  # per text chunk, raw or decompressed (Pillow's own PngImagePlugin.MAX_TEXT_CHUNK)
 MAX_PNG_TEXT_TOTAL = 8 << 20  # all kept text chunks together
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+JPEG_METADATA_BUDGET = 1 << 20  # APPn/COM bytes of a JPEG kept in all (EXIF is one 64 KB segment; ICC profiles fit)
 _PNG_ORIENTATION_KEYWORDS = (b"XML:com.adobe.xmp", b"Raw profile type exif", b"Raw profile type APP1")
 _READ_BLOCK = 1 << 16
 # What Pillow raises on corrupt or hostile files (its plugins use all of these).
@@ -144,6 +150,53 @@ def _oversized_png_text(fp: BinaryIO) -> list[tuple[int, int]]:
     return drop
 
 
+def _jpeg_metadata_to_skip(fp: BinaryIO) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of the JPEG metadata segments to skip; [] for other files.
+
+    Walks the segment headers up to the first scan (4 bytes read per segment, so
+    linear in their number). Keeps the first EXIF segment and the APPn/COM
+    segments that fit in :data:`JPEG_METADATA_BUDGET`; a marker it cannot follow
+    ends the walk (a corrupt file is Pillow's to report).
+    """
+    fp.seek(0)
+    if fp.read(2) != b"\xff\xd8":
+        return []
+    size = fp.seek(0, os.SEEK_END)
+    pos, kept, seen_exif = 2, 0, False
+    drop: list[tuple[int, int]] = []
+    while pos + 4 <= size:
+        fp.seek(pos)
+        head = fp.read(4)
+        if head[0] != 0xFF:
+            break
+        marker = head[1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # segments without a length
+            pos += 2
+            continue
+        length = int.from_bytes(head[2:4], "big")
+        if marker in (0xDA, 0xD9) or length < 2 or pos + 2 + length > size:  # scan, end, or cut short
+            break
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            exif = marker == 0xE1 and fp.read(6) == b"Exif\0\0"
+            if exif and not seen_exif:
+                seen_exif = True
+                kept += length
+            elif exif or kept + length > JPEG_METADATA_BUDGET:
+                drop.append((pos, pos + 2 + length))
+            else:
+                kept += length
+        pos += 2 + length
+    return drop
+
+
+def _metadata_to_skip(fp: BinaryIO) -> list[tuple[int, int]]:
+    """Byte ranges of metadata a decoder must not parse (oversized PNG text, JPEG segments past the budget)."""
+    return _oversized_png_text(fp) or _jpeg_metadata_to_skip(fp)
+
+
 def _png_orientation_after_pixels(fp: BinaryIO) -> bool:
     """True when a chunk after a PNG's image data may hold an orientation (eXIf, XMP or raw-EXIF text).
 
@@ -164,7 +217,7 @@ def _png_orientation_after_pixels(fp: BinaryIO) -> bool:
 
 
 def _without(fp: BinaryIO, drop: list[tuple[int, int]]) -> bytes:
-    """The file's bytes with the ``drop`` ranges left out (whole chunks: every kept chunk's CRC still holds)."""
+    """The file's bytes with the ``drop`` ranges left out (whole chunks or segments: what is kept stays valid)."""
     parts = []
     pos = 0
     for start, end in [*drop, (fp.seek(0, os.SEEK_END), 0)]:
@@ -175,14 +228,14 @@ def _without(fp: BinaryIO, drop: list[tuple[int, int]]) -> bytes:
 
 
 def _open(source: ImageSource, name: str) -> Image.Image:
-    """Open (header only) with Pillow, limited to INPUT_FORMATS, oversized PNG text skipped."""
+    """Open (header only) with Pillow, limited to INPUT_FORMATS, oversized PNG text and JPEG metadata skipped."""
     try:
         opened: BinaryIO | str | os.PathLike[str]
         if isinstance(source, bytes):
             if not source:
                 raise ImageError(f"{name}: empty file (0 bytes)")
             opened = io.BytesIO(source)
-            drop = _oversized_png_text(opened)
+            drop = _metadata_to_skip(opened)
             if drop:
                 opened = io.BytesIO(_without(opened, drop))
             opened.seek(0)
@@ -193,7 +246,7 @@ def _open(source: ImageSource, name: str) -> Image.Image:
                 raise ImageError(f"{name}: empty file (0 bytes)")
             opened = source  # Pillow opens (and later closes) the file itself
             with open(source, "rb") as file:
-                drop = _oversized_png_text(file)
+                drop = _metadata_to_skip(file)
                 if drop:
                     opened = io.BytesIO(_without(file, drop))
         with warnings.catch_warnings():

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import pickle
@@ -201,15 +202,39 @@ def _load_failure(path: str, exc: BaseException) -> str:
     return f"{path}: not a PyTorch state dict (corrupt, truncated or not written by torch.save; read with weights_only=True)"
 
 
-def _file_state_dict(path: str, expected_sha256: str | None) -> dict[str, Tensor]:
+_DIGESTS: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> (inode, size, mtime), sha256
+
+
+def _file_digest(path: str) -> str:
+    """The sha256 of a weights file, hashed again whenever the file changed (new inode, size or mtime)."""
     if not os.path.isfile(path):
         raise WeightsError(f"weights file {path}: not found")
+    st = os.stat(path)
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    memo = _DIGESTS.get(path)
+    if memo is None or memo[0] != stamp:
+        memo = (stamp, sha256_file(path))
+        _DIGESTS[path] = memo
+    return memo[1]
+
+
+def _file_state_dict(path: str, expected_sha256: str | None) -> dict[str, Tensor]:
+    """The state dict in ``path``, from bytes read once and checked against ``expected_sha256``.
+
+    Hashing and loading the same bytes means the network always matches the id
+    it is cached and recorded under, even when the file is replaced meanwhile.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {path}: not found") from None
     if expected_sha256 is not None:
-        actual = sha256_file(path)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256.lower():
             raise WeightsError(f"weights file {path}: sha256 is {actual}, expected {expected_sha256}")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(f"weights file {_load_failure(path, exc)}") from None
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
@@ -384,8 +409,8 @@ class Network:
         return self if precision == self.precision else replace(self, precision=precision)
 
 
-_CACHE: dict[tuple[str, str | None, str, str, bool], Network] = {}
-_TRUNKS: dict[tuple[str, str | None, str, bool], tuple[nn.Sequential, str]] = {}
+_CACHE: dict[tuple[str, str, str, str, bool], Network] = {}  # (spec, weights id, device, pooling, normalised)
+_TRUNKS: dict[tuple[str, str, bool], tuple[nn.Sequential, str]] = {}  # (weights id, device, normalised)
 _LOCK = threading.Lock()
 
 
@@ -464,11 +489,20 @@ def load_network(
         raise WeightsError(f"weights {weights}: remote weights must be fetched to a local file first")
     if local and local.startswith("file://"):
         local = local.removeprefix("file://")
-    key = (weights, local, str(dev), pooling, normalize)
     with _LOCK:
+        # Keyed by what the weights are (a file: the sha256 of its bytes now), never by where they are:
+        # a file replaced during a run is loaded again, and never serves the old network under a new id.
+        if spec.kind == "file":
+            assert local is not None
+            wid = "sha256:" + _file_digest(local)
+            if weights_sha256 is not None and wid != "sha256:" + weights_sha256.lower():
+                raise WeightsError(f"weights file {local}: sha256 is {wid.removeprefix('sha256:')}, expected {weights_sha256}")
+        else:
+            wid = weights_id(weights)
+        key = (weights, wid, str(dev), pooling, normalize)
         if key in _CACHE:
             return _CACHE[key]
-        trunk_key = (weights, local, str(dev), normalize)
+        trunk_key = (wid, str(dev), normalize)
         if trunk_key not in _TRUNKS:
             trunk = _build_features()
             if spec.kind == "imagenet":
@@ -477,13 +511,12 @@ def load_network(
                 state, source = _random_state_dict(trunk, spec.seed or 0), weights
             else:
                 assert local is not None
-                state, source = _file_state_dict(local, weights_sha256), local
+                state, source = _file_state_dict(local, wid.removeprefix("sha256:")), local
             named = state if spec.kind == "random" else _to_named(state, source)
             _load_into(trunk, named, source)
             if normalize:
                 normalize_trunk(trunk, calibration_images())
             trunk.to(dev)
-            wid = weights_id(weights, local)
             _TRUNKS[trunk_key] = (trunk, wid)
         trunk, wid = _TRUNKS[trunk_key]
         features = VGGFeatures(trunk, pooling, IMAGENET_MEAN, IMAGENET_STD).to(dev)
@@ -497,3 +530,4 @@ def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
         _TRUNKS.clear()
+        _DIGESTS.clear()

@@ -310,8 +310,11 @@ class StyleParams(BaseModel):
         return [(max(16, round(self.size * f)), n) for f, n in zip(self.scales, counts, strict=True)]
 
     def batch_key(self) -> tuple[tuple[str, Any], ...]:
-        """Items whose parameters agree on this can share one optimisation (seed and start may differ)."""
-        data = self.identity()
+        """Items whose parameters agree on this can share one optimisation (seed and start may differ).
+
+        Device and precision are in it though not in the identity: a row runs where it asked, or fails alone.
+        """
+        data = {**self.identity(), "device": self.device, "precision": self.precision}
         return tuple((k, repr(v)) for k, v in data.items() if k not in BATCH_FREE_FIELDS)
 
     @property

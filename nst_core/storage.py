@@ -73,10 +73,16 @@ __all__ = [
     "parse_uri",
     "read_bytes",
     "reset_clients",
+    "sanitize_cells",
+    "sanitize_text",
     "sanitize_uri",
     "sha256_bytes",
     "write_bytes",
     "write_bytes_if_absent",
+    "create_versioned",
+    "delete_if_version",
+    "read_versioned",
+    "replace_if_version",
 ]
 
 # Temporary files of atomic local writes are named ".<name>.<random>.nst-tmp";
@@ -164,33 +170,100 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-_URL_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]*)")
+# Credential-looking parts are found by content, whatever the scheme (or its absence: a
+# pasted "s3//KEY:SECRET@bucket/key", "s3 ://...", a presigned URL without its scheme).
+_TOKEN_SPLIT = re.compile(r"""([\s"'<>|,;()\[\]{}`]+)""")
+_HAS_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_CREDENTIAL_PARAM = re.compile(
+    r"(?i)((?:x-amz-)?(?:credential|signature|security-token|session-token|token|secret|password|passwd|pwd"
+    r"|access[-_]?key(?:[-_]?id)?|awsaccesskeyid|sig|key))=[^&\s\"'<>|]*"
+)
+_AWS_KEY_ID = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AIDA|AROA|AGPA|ANPA)[A-Z0-9]{16}(?![A-Z0-9])")
+
+
+def _sanitize_token(token: str) -> str:
+    """One address-like token without query string (when it looks like one) or user info."""
+    if _HAS_SCHEME.match(token):
+        token = token.split("?", 1)[0].split("#", 1)[0]
+    elif "?" in token and "=" in token.split("?", 1)[1]:
+        token = token.split("?", 1)[0]  # a query string without a scheme: a pasted presigned URL
+    return _without_userinfo_anywhere(token)
+
+
+def _without_userinfo_anywhere(token: str) -> str:
+    """Mask what stands before the last ``@`` when it looks like ``user[:password]``.
+
+    After a ``//`` (well-formed or not: ``s3//``, ``s3 ://``) an authority with
+    ``@`` or ``:`` in it is user info up to the last ``@`` (a secret may hold
+    ``/``, so not only up to the next slash). Without ``//`` (a path that a
+    normalisation collapsed) the segment holding a ``:`` before the last ``@``
+    starts the user info. ``logo@2x.png`` has neither and stays.
+    """
+    at = token.rfind("@")
+    if at < 0:
+        return token
+    head = token[:at]
+    slashes = head.find("//")
+    if slashes >= 0:
+        start = slashes + 2
+        netloc_end = head.find("/", start)
+        netloc = head[start:] if netloc_end < 0 else head[start:netloc_end]
+        if netloc_end >= 0 and ":" not in netloc and "@" not in netloc:
+            return token  # an '@' in the path of a plain address
+        return token[:start] + "***" + token[at:]
+    colon = head.find(":")
+    if colon < 0:
+        return token
+    start = head.rfind("/", 0, colon) + 1
+    return token[:start] + "***" + token[at:]
+
+
+def _mask_credentials(text: str) -> str:
+    """``text`` with its credential-looking parts masked and everything else (whitespace too) as it was."""
+    parts = _TOKEN_SPLIT.split(text)
+    cleaned = "".join(part if i % 2 else _sanitize_token(part) for i, part in enumerate(parts))
+    cleaned = _CREDENTIAL_PARAM.sub(lambda m: m.group(1) + "=***", cleaned)
+    return _AWS_KEY_ID.sub("***", cleaned)
 
 
 def sanitize_uri(uri: str) -> str:
-    """Return ``uri`` fit for a message: no query string, fragment or user info.
+    """Return ``uri`` fit for a message or a stored cell: no query string, fragment or user info.
 
-    Presigned URLs carry their signature and credentials in the query string,
-    and ``scheme://user:password@host`` carries a password; both are cut.
-    Local paths come back unchanged.
+    Decided by content, not by scheme: presigned URLs carry their signature and
+    credentials in the query string (cut, also without a scheme, when it holds
+    ``name=value``), ``user:password@`` is masked wherever it stands (also in
+    ``s3//KEY:SECRET@bucket/key`` or ``s3 ://...``, which are local paths to the
+    parser), credential parameters (``X-Amz-Signature=``, ``password=``...)
+    anywhere lose their value, and AWS access key ids are masked. Other local
+    paths come back unchanged.
     """
-    text = _one_line(str(uri))
-    if "://" not in text:
-        return text
-    scheme, rest = text.split("://", 1)
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
-    netloc, sep, path = rest.partition("/")
-    return f"{scheme}://{_without_userinfo(netloc)}{sep}{path}"
+    return _mask_credentials(_one_line(str(uri)))
+
+
+def sanitize_cells(value: T) -> T:
+    """``value`` with credential-looking parts masked in every string in it (dicts, lists and tuples walked).
+
+    For records built from manifest cells (results rows, ``meta.json``): whatever a
+    cell holds, its credential-looking parts never leave it; the rest of it is kept
+    as it was (whitespace too, unlike :func:`sanitize_uri`).
+    """
+    if isinstance(value, str):
+        return _mask_credentials(value)  # type: ignore[return-value]
+    if isinstance(value, dict):
+        return {k: sanitize_cells(v) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(sanitize_cells(v) for v in value)
+    return value
 
 
 def sanitize_text(text: str, limit: int = 300) -> str:
-    """A message fit to record: one line, no query string or user info in any URL inside it, capped in length."""
+    """A message fit to record: one line, sanitised as :func:`sanitize_uri` everywhere in it, capped in length."""
     return _sanitize_text(text, limit)
 
 
 def _sanitize_text(text: str, limit: int = 300) -> str:
-    """Strip query strings from any URL inside ``text`` and cap its length."""
-    cleaned = _URL_IN_TEXT.sub(lambda m: sanitize_uri(m.group(1)), _one_line(text))
+    """Sanitise every token of ``text`` and cap its length."""
+    cleaned = sanitize_uri(text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
 
 
@@ -235,7 +308,9 @@ def _path_to_file_uri(path: str) -> str:
 
 def _without_userinfo(netloc: str) -> str:
     """``user:password@host`` -> ``***@host`` (a netloc quoted in a message never carries a password)."""
-    return "***@" + netloc.rsplit("@", 1)[1] if "@" in netloc else netloc
+    if "@" in netloc:
+        return "***@" + netloc.rsplit("@", 1)[1]
+    return "***" if ":" in netloc and not re.fullmatch(r"[\w.-]+:\d+", netloc) else netloc  # 'KEY:SECRET' cut at a '/' of the secret
 
 
 def _validate_bucket(bucket: str, uri: str) -> None:
@@ -681,12 +756,7 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes, content_type: str | No
     if p.scheme == "file":
         assert p.path is not None
         try:
-            tmp = _write_tmp(p.path, bytes(data))
-            try:
-                os.replace(tmp, p.path)
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
+            _replace_file(p.path, bytes(data))
             _fsync_dir(p.path.parent)
             return
         except OSError as exc:
@@ -716,37 +786,7 @@ def write_bytes_if_absent(
     so the file is also whole or absent. On filesystems without hard links it
     falls back to ``O_CREAT | O_EXCL`` (exclusive, but not whole-or-absent).
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"write_bytes_if_absent needs bytes, not {type(data).__name__}")
-    p = _object(uri)
-    text = p.uri
-    if p.scheme == "file":
-        assert p.path is not None
-        try:
-            return _local_create_exclusive(p.path, bytes(data))
-        except OSError as exc:
-            err = _os_error(exc, text)
-        raise err
-    assert p.key is not None
-    from botocore.exceptions import ClientError
-
-    try:
-        _s3_client().put_object(
-            Bucket=p.bucket,
-            Key=p.key,
-            Body=bytes(data),
-            ContentType=_content_type(p.key, content_type),
-            IfNoneMatch="*",
-        )
-        return True
-    except ClientError as exc:
-        code, status = _client_error_info(exc)
-        if code == "PreconditionFailed" or status == 412:
-            return False
-        err = _translate(exc, text, p.bucket)
-    except Exception as exc:
-        err = _translate(exc, text, p.bucket)
-    raise err
+    return create_versioned(uri, data, content_type) is not None
 
 
 def _local_create_exclusive(target: Path, data: bytes) -> bool:
@@ -772,6 +812,239 @@ def _local_create_exclusive(target: Path, data: bytes) -> bool:
         return True
     finally:
         _unlink_quietly(tmp)
+
+
+# --------------------------------------------------------------------------- compare-and-swap
+#
+# A *version* names one state of an object: its ETag on S3, the SHA-256 of its
+# bytes locally. ``read_versioned`` returns it with the bytes; ``replace_if_version``
+# and ``delete_if_version`` act only while the object is still in that state, so a
+# caller that read, decided and wrote can never overwrite a change it did not see.
+# (Leases, nst_core/lease.py, are built on these three.)
+
+
+def read_versioned(uri: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[bytes, str]:
+    """Return an object's bytes and its version (S3 ETag; locally the bytes' SHA-256).
+
+    Raises:
+        ObjectNotFound, NoSuchBucket, AccessDenied, ObjectTooLarge, TransientStorageError, StorageError.
+    """
+    p = _object(uri)
+    if p.scheme == "file":
+        data = read_bytes(uri, max_bytes)
+        return data, sha256_bytes(data)
+    text = p.uri
+    err: StorageError | None
+    try:
+        resp = _s3_client().get_object(Bucket=p.bucket, Key=p.key)
+        if (err := _too_large(text, int(resp.get("ContentLength") or 0), max_bytes)) is None:
+            return resp["Body"].read(), str(resp.get("ETag") or "")
+        resp["Body"].close()
+    except Exception as exc:
+        err = _translate(exc, text, p.bucket)
+    raise err
+
+
+def create_versioned(uri: str | os.PathLike[str], data: bytes, content_type: str | None = None) -> str | None:
+    """Create an object only if nothing is there yet; its new version, or None when something was there.
+
+    Same guarantees as :func:`write_bytes_if_absent` (which calls this).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"create_versioned needs bytes, not {type(data).__name__}")
+    p = _object(uri)
+    text = p.uri
+    if p.scheme == "file":
+        assert p.path is not None
+        try:
+            return sha256_bytes(bytes(data)) if _local_create_exclusive(p.path, bytes(data)) else None
+        except OSError as exc:
+            err = _os_error(exc, text)
+        raise err
+    return _s3_put_conditional(p, text, bytes(data), content_type, {"IfNoneMatch": "*"})
+
+
+def replace_if_version(
+    uri: str | os.PathLike[str], data: bytes, version: str, content_type: str | None = None
+) -> str | None:
+    """Replace an object with ``data`` only while it is in state ``version``; the new version, or None.
+
+    None means the object changed since ``version`` was read, or is gone (a
+    replace never re-creates a deleted object). S3: ``PutObject`` with
+    ``If-Match: <ETag>`` (AWS S3, MinIO and SeaweedFS honour it atomically; a
+    server that answers 501 NotImplemented gets the stated fallback: read,
+    compare, write, which narrows the race to one round trip but cannot close
+    it). Local: under an exclusive ``flock`` on the parent directory, the
+    current bytes' hash is compared and the new bytes renamed into place.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"replace_if_version needs bytes, not {type(data).__name__}")
+    p = _object(uri)
+    text = p.uri
+    if p.scheme == "file":
+        new_version = sha256_bytes(bytes(data))
+        def replace(path: Path) -> str:
+            _replace_file(path, bytes(data))
+            return new_version
+
+        return _local_if_version(p, text, version, replace)
+    if _conditional_fallback.is_set():
+        return _s3_fallback_replace(p, text, bytes(data), version, content_type)
+    return _s3_put_conditional(p, text, bytes(data), content_type, {"IfMatch": version})
+
+
+def delete_if_version(uri: str | os.PathLike[str], version: str) -> bool:
+    """Delete an object only while it is in state ``version``; True when this call deleted it.
+
+    S3: ``DeleteObject`` with ``If-Match`` (same fallback as :func:`replace_if_version`).
+    Local: hash compared and the file unlinked under the parent directory's ``flock``.
+    """
+    p = _object(uri)
+    text = p.uri
+    if p.scheme == "file":
+        def unlink(path: Path) -> bool:
+            os.unlink(path)
+            return True
+
+        return _local_if_version(p, text, version, unlink) is not None
+    from botocore.exceptions import ClientError
+
+    err: StorageError | None = None
+    if not _conditional_fallback.is_set():
+        try:
+            _s3_client().delete_object(Bucket=p.bucket, Key=p.key, IfMatch=version)
+            return True
+        except ClientError as exc:
+            code, status = _client_error_info(exc)
+            if code == "PreconditionFailed" or status == 412 or status == 404 or code in _NOT_FOUND_CODES:
+                return False
+            if not _conditional_unsupported(code, status):
+                err = _translate(exc, text, p.bucket)
+        except Exception as exc:
+            err = _translate(exc, text, p.bucket)
+    if err is not None:
+        raise err  # outside the except: the error carries no botocore context
+    try:
+        _data, current = read_versioned(uri)
+    except ObjectNotFound:
+        return False
+    if current != version:
+        return False
+    delete(uri)
+    return True
+
+
+_conditional_fallback = threading.Event()  # set once a server answered 501 to If-Match
+
+
+def _conditional_unsupported(code: str, status: int) -> bool:
+    """True (and the fallback switched on, with one warning) when the server refuses If-Match as unimplemented."""
+    if code != "NotImplemented" and status != 501:
+        return False
+    if not _conditional_fallback.is_set():
+        _conditional_fallback.set()
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "the S3 server does not implement If-Match on writes; conditional replace and delete fall back "
+            "to read-compare-write (leases are then exclusive only up to one round trip)"
+        )
+    return True
+
+
+def _s3_put_conditional(
+    p: ParsedUri, text: str, data: bytes, content_type: str | None, condition: dict[str, str]
+) -> str | None:
+    from botocore.exceptions import ClientError
+
+    assert p.key is not None
+    try:
+        resp = _s3_client().put_object(
+            Bucket=p.bucket, Key=p.key, Body=data, ContentType=_content_type(p.key, content_type), **condition
+        )
+        return str(resp.get("ETag") or "")
+    except ClientError as exc:
+        code, status = _client_error_info(exc)
+        if code == "PreconditionFailed" or status == 412:
+            return None
+        if "IfMatch" in condition and (status == 404 or code in _NOT_FOUND_CODES):
+            return None  # gone: a replace never re-creates
+        if "IfMatch" in condition and _conditional_unsupported(code, status):
+            fallback = True
+        else:
+            fallback = False
+            err = _translate(exc, text, p.bucket)
+    except Exception as exc:
+        fallback = False
+        err = _translate(exc, text, p.bucket)
+    if fallback:
+        return _s3_fallback_replace(p, text, data, condition["IfMatch"], content_type)
+    raise err
+
+
+def _s3_fallback_replace(p: ParsedUri, text: str, data: bytes, version: str, content_type: str | None) -> str | None:
+    """Read, compare, write: the stated fallback for servers without If-Match (not atomic)."""
+    try:
+        _old, current = read_versioned(text)
+    except ObjectNotFound:
+        return None
+    if current != version:
+        return None
+    write_bytes(text, data, content_type)
+    try:
+        return read_versioned(text)[1]
+    except ObjectNotFound:
+        return None
+
+
+def _local_if_version(p: ParsedUri, text: str, version: str, act: Callable[[Path], T]) -> T | None:
+    """``act(path)`` under the folder's ``flock`` while the file's bytes hash to ``version``; None when they do not."""
+    assert p.path is not None
+    if not p.path.parent.is_dir():
+        return None  # no folder, so no file in the state read
+    try:
+        with _directory_lock(p.path.parent):
+            if _local_version(p.path) != version:
+                return None
+            result = act(p.path)
+            _fsync_dir(p.path.parent)
+            return result
+    except OSError as exc:
+        err = _os_error(exc, text)
+    raise err
+
+
+def _replace_file(target: Path, data: bytes) -> None:
+    """Write ``data`` beside ``target`` and rename it into place (whole or absent; no temporary file left)."""
+    tmp = _write_tmp(target, data)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _local_version(path: Path) -> str | None:
+    try:
+        return sha256_bytes(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Any:
+    """Hold an exclusive ``flock`` on ``directory`` (one per open, so threads of one process exclude each other too).
+
+    Released when the process dies, so a killed worker leaves no lock behind.
+    """
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def exists(uri: str | os.PathLike[str]) -> bool:
@@ -964,12 +1237,7 @@ def fetch_to_cache(uri: str | os.PathLike[str], cache_dir: Path | None = None) -
         raise err
     assert data is not None
     try:
-        tmp = _write_tmp(target, data)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+        _replace_file(target, data)
     except OSError as exc:
         err = _os_error(exc, str(target))
     else:

@@ -10,6 +10,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+MAX_RANDOM_SEED = 2**63  # random:N takes 0 <= N < 2**63, as the seed parameter does
+
 
 @dataclass(frozen=True)
 class WeightsSpec:
@@ -26,8 +28,9 @@ class WeightsSpec:
             return WeightsSpec("imagenet")
         if text.startswith("random:"):
             seed = text.removeprefix("random:")
-            if not seed.isdigit():
-                raise ValueError(f"weights {text!r}: 'random:' must be followed by a non-negative integer seed")
+            if not (seed.isascii() and seed.isdigit()) or int(seed) >= MAX_RANDOM_SEED:
+                # torch's generator takes 64-bit seeds: a larger one would pass here and fail in the flow
+                raise ValueError(f"weights {text!r}: 'random:' must be followed by an integer seed from 0 to {MAX_RANDOM_SEED - 1}")
             return WeightsSpec("random", seed=int(seed))
         if not text:
             raise ValueError("weights must not be empty")

@@ -122,13 +122,15 @@ def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | N
     params = batch[0][0].row.params
     jobs = [_job(work, loaded) for work, loaded in batch]
     with DEVICES.acquire(params.device) as device:
-        return DEVICES.run(device, _optimise_and_judge, jobs, device, batch[0][0].weights_path, time_limit_s)
+        return DEVICES.run(device, _optimise_and_judge, jobs, device, batch[0][0], time_limit_s)
 
 
-def _optimise_and_judge(jobs: list[engine.Job], device: torch.device, weights_path: str | None, time_limit_s: float | None) -> list[engine.StyleResult]:
+def _optimise_and_judge(jobs: list[engine.Job], device: torch.device, first: Work, time_limit_s: float | None) -> list[engine.StyleResult]:
     """Everything a batch computes with PyTorch, run on the device's thread: optimise, judge, convert to RGB."""
     params = jobs[0].params
-    network = network_for(params, device, weights_path)
+    # The weights the items were named by: a weights file replaced since then fails them, never computes them.
+    named_by = first.weights_id.removeprefix("sha256:") if first.weights_id.startswith("sha256:") else None
+    network = network_for(params, device, first.weights_path, weights_sha256=named_by)
     results = engine.stylize_batch(jobs, network=network, cache=STYLE_CACHE, time_limit_s=time_limit_s)
     for job, result in zip(jobs, results, strict=True):
         # Judged by a VGG-19 with other weights than the optimised one (see nst_core.quality).

@@ -7,6 +7,12 @@
     {dest}/metadata.jsonl      one line per image: file_name + every metadata field
     {dest}/metadata.parquet    the same table, one row per image
     {dest}/README.md           dataset card (YAML header + what, with what, parameters, weights, sources, licences)
+    {dest}/.nst-export.json    the sha256 of the three files above as this module last wrote them
+
+An export never overwrites a ``README.md`` or metadata file it did not write:
+one whose bytes differ from what ``.nst-export.json`` records (a card someone
+wrote or edited, another tool's metadata) stops the export before anything is
+written (:class:`ExportError`, CLI exit 2).
 
 Images are named by the manifest ``id`` (made safe for any file system: no
 ``/``, no ``..``, no leading dot, no control characters; at most 80
@@ -47,6 +53,8 @@ from nst_run.results import ReviewError, Run, finite_number, open_run
 from nst_run.review import Decision, latest_per_reviewer, load_decisions, verdict
 
 IMAGES_DIR = "images"
+EXPORT_RECORD = ".nst-export.json"
+_EXPORT_FILES = ("metadata.jsonl", "metadata.parquet", "README.md")
 ONLY_CHOICES = ("kept",)
 MAX_STEM = 80
 _IGNORED_PARAMS = EXECUTION_FIELDS  # how an item ran, not what it made: not exported as parameters
@@ -161,6 +169,7 @@ def export_dataset(run_uris: list[str], dest_uri: str, *, only: str | None = Non
     if len({r.folder for r in runs}) != len(runs):
         raise ExportError("a run is listed twice")
     result = ExportResult(dest=storage.sanitize_uri(dest), runs=[r.shown_uri for r in runs])
+    present_digests = _check_ours(dest)
 
     # Every decision about an item, from every run given, decides its verdict.
     all_decisions: dict[str, list[Decision]] = {}
@@ -243,11 +252,56 @@ def export_dataset(run_uris: list[str], dest_uri: str, *, only: str | None = Non
         "metadata_parquet": storage.join(dest, "metadata.parquet"),
         "card": storage.join(dest, "README.md"),
     }
-    storage.write_bytes(result.files["metadata_jsonl"], jsonl, "application/jsonl")
-    storage.write_bytes(result.files["metadata_parquet"], _parquet(rows, columns), "application/vnd.apache.parquet")
-    storage.write_bytes(result.files["card"], dataset_card(rows, runs, only).encode("utf-8"), "text/markdown; charset=utf-8")
+    contents = {
+        "metadata.jsonl": (jsonl, "application/jsonl"),
+        "metadata.parquet": (_parquet(rows, columns), "application/vnd.apache.parquet"),
+        "README.md": (dataset_card(rows, runs, only).encode("utf-8"), "text/markdown; charset=utf-8"),
+    }
+    new_digests = {name: storage.sha256_bytes(data) for name, (data, _) in contents.items()}
+    record_uri = storage.join(dest, EXPORT_RECORD)
+
+    def write_record(digests: dict[str, list[str]]) -> None:
+        storage.write_bytes(record_uri, json.dumps({"files": digests}, indent=2).encode(), "application/json")
+
+    # Old and new bytes both vouched for while the files are replaced, so a crash between the writes
+    # leaves nothing the next export would take for someone else's file.
+    write_record({name: sorted({d, *present_digests.get(name, [])}) for name, d in new_digests.items()})
+    for name, (data, content_type) in contents.items():
+        storage.write_bytes(storage.join(dest, name), data, content_type)
+    write_record({name: [d] for name, d in new_digests.items()})
     result.files = {k: storage.sanitize_uri(v) for k, v in result.files.items()}
     return result
+
+
+def _check_ours(dest: str) -> dict[str, list[str]]:
+    """The sha256 of each export file present in ``dest``, once checked to be bytes an export wrote there.
+
+    Raises:
+        ExportError: naming the files, before anything is written.
+    """
+    try:
+        recorded = json.loads(storage.read_bytes(storage.join(dest, EXPORT_RECORD), max_bytes=1 << 20)).get("files") or {}
+    except storage.ObjectNotFound:
+        recorded = {}
+    except (ValueError, AttributeError):
+        recorded = {}  # an unreadable record vouches for nothing
+    foreign: list[str] = []
+    present: dict[str, list[str]] = {}
+    for name in _EXPORT_FILES:
+        try:
+            digest = storage.sha256_bytes(storage.read_bytes(storage.join(dest, name), max_bytes=1 << 30))
+        except storage.ObjectNotFound:
+            continue
+        if not isinstance(recorded, dict) or digest not in (recorded.get(name) or []):
+            foreign.append(name)
+        else:
+            present[name] = [digest]
+    if foreign:
+        raise ExportError(
+            f"{storage.sanitize_uri(dest)} already holds {', '.join(foreign)} that no export wrote (or that was edited since); "
+            "move it away or export to another folder"
+        )
+    return present
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

@@ -70,8 +70,8 @@ def build_meta(
         "item_id": item,
         "engine_version": ENGINE_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "row": row,
-        "params": params.model_dump(mode="json"),
+        "row": storage.sanitize_cells(row),  # manifest cells: credential-looking parts never stored
+        "params": storage.sanitize_cells(params.model_dump(mode="json")),
         "inputs": inputs,
         "weights": {
             "spec": storage.sanitize_uri(weights),

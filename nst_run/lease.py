@@ -7,20 +7,26 @@ items. Before computing an item a worker takes its lease, a small JSON object
 
     {"owner": "<flow run id>", "token": "<uuid4>", "expires_at": <unix time>}
 
+Every transition is a compare-and-swap on the state it read, so no two can
+undo each other (``storage.read_versioned`` / ``replace_if_version`` /
+``delete_if_version``: S3 ``If-Match`` on the lease object's ETag, locally a
+hash check under the item folder's ``flock``):
+
 * **Take**: a conditional create (S3 ``PutObject`` with ``If-None-Match: *``;
   locally a hard link that fails when the target exists). Exactly one of
   several concurrent callers wins.
 * **Same owner**: a lease already held by the same owner (a Prefect retry of
-  the same flow run's task) is simply renewed.
+  the same flow run's task) is renewed, conditional on the state read.
 * **Expired**: a worker that dies (SIGKILL, lost machine) stops renewing its
-  lease; once ``expires_at`` has passed, the lease is taken over. The takeover
-  itself is a conditional create of ``.lease-takeover-{stale token}``, so of
-  several workers that see the same stale lease exactly one takes it.
+  lease; once ``expires_at`` has passed, the lease is taken over by replacing
+  exactly the expired state that was read, so of several workers that see the
+  same stale lease exactly one takes it.
 * **Renew**: a :class:`LeaseKeeper` thread rewrites each held lease's expiry
-  every ``ttl_s / 3`` while the item is being computed, so the TTL bounds how
-  long a dead worker blocks an item, not how long an item may take.
-* **Release**: deleting ``.lease`` (and any takeover marker) after the item's
-  ``meta.json`` is written. A failed release is harmless: the lease expires.
+  every ``ttl_s / 3`` while the item is being computed, conditional on the
+  state this worker last wrote. A renewal never re-creates a released lease
+  and never overwrites another worker's takeover: it learns it lost instead.
+* **Release**: deleting ``.lease`` (conditional on our state) after the
+  item's ``meta.json`` is written. A failed release is harmless: the lease expires.
 
 Expiry compares wall clocks of different machines: keep ``ttl_s`` well above
 the clock skew of the fleet (NTP keeps it under a second; the default TTL is
@@ -35,11 +41,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nst_core import storage
-from nst_run.paths import LEASE_FILE, TAKEOVER_PREFIX
+from nst_run.paths import LEASE_FILE
 
 DEFAULT_TTL_S = 300.0
 
@@ -72,42 +78,93 @@ class LeaseRecord:
 
 @dataclass
 class Lease:
-    """A lease this worker holds on one item folder."""
+    """A lease this worker holds on one item folder.
+
+    ``version`` is the storage version of the state this worker last wrote
+    (or read and adopted); every renewal and the release are conditional on it.
+    """
 
     folder: str
     record: LeaseRecord
     ttl_s: float
-    takeover_marker: str | None = None
+    version: str
     lost: bool = False
+    released: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def uri(self) -> str:
         return storage.join(self.folder, LEASE_FILE)
 
     def renew(self, clock: Callable[[], float] = time.time) -> bool:
-        """Push the expiry forward if the lease is still ours; False (and ``lost``) when another took it."""
-        try:
-            current = LeaseRecord.from_bytes(storage.read_bytes(self.uri))
-        except storage.ObjectNotFound:
-            current = None
-        if current is not None and current.token != self.record.token:
+        """Push the expiry forward if the lease is still ours; False (and ``lost``) when it is not.
+
+        Never re-creates a released or deleted lease and never overwrites
+        another worker's record: the write is conditional on the state this
+        worker last wrote. When that fails but the stored record is still ours
+        (an earlier renewal landed though its answer was lost), it is adopted
+        and renewed once more.
+        """
+        with self._lock:
+            if self.lost or self.released:
+                return False
+            for _ in range(2):
+                fresh = LeaseRecord(self.record.owner, self.record.token, clock() + self.ttl_s)
+                version = storage.replace_if_version(self.uri, fresh.to_bytes(), self.version, "application/json")
+                if version is not None:
+                    self.record, self.version = fresh, version
+                    return True
+                current = _read(self.uri)
+                if current is None or current[0].token != self.record.token:
+                    self.lost = True
+                    return False
+                self.version = current[1]
             self.lost = True
             return False
-        self.record = LeaseRecord(self.record.owner, self.record.token, clock() + self.ttl_s)
-        storage.write_bytes(self.uri, self.record.to_bytes(), "application/json")
-        return True
 
     def release(self) -> None:
-        """Give the lease up (best effort: a lease that cannot be deleted expires by itself)."""
-        try:
-            if not self.lost:
-                current = LeaseRecord.from_bytes(storage.read_bytes(self.uri))
-                if current.token == self.record.token:
-                    storage.delete(self.uri)
-            if self.takeover_marker:
-                storage.delete(self.takeover_marker)
-        except storage.StorageError as exc:
-            log.debug("lease %s not released (%s); it expires by itself", self.uri, exc)
+        """Give the lease up (best effort: a lease that cannot be deleted expires by itself).
+
+        Deletes ``.lease`` only while it holds this worker's record; stops any
+        further renewal of this lease first.
+        """
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
+            if self.lost:
+                return
+            try:
+                _delete_while_token(self.uri, self.record.token, self.version)
+            except storage.StorageError as exc:
+                log.debug("lease %s not released (%s); it expires by itself", self.uri, exc)
+
+
+def _read(uri: str) -> tuple[LeaseRecord, str] | None:
+    """The stored lease record and its version, or None when there is none."""
+    try:
+        data, version = storage.read_versioned(uri)
+    except storage.ObjectNotFound:
+        return None
+    return LeaseRecord.from_bytes(data), version
+
+
+def _delete_while_token(uri: str, token: str, version: str | None = None) -> bool:
+    """Delete the lease while it holds ``token``; True if this call deleted it.
+
+    A change between read and delete (our own keeper's renewal) is read again;
+    another token, or no lease, ends it without deleting.
+    """
+    for _ in range(5):
+        if version is None:
+            current = _read(uri)
+            if current is None or current[0].token != token:
+                return False
+            version = current[1]
+        if storage.delete_if_version(uri, version):
+            return True
+        version = None
+    return False
 
 
 def acquire(folder: str, owner: str, ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.time) -> Lease | LeaseRecord:
@@ -120,27 +177,21 @@ def acquire(folder: str, owner: str, ttl_s: float = DEFAULT_TTL_S, clock: Callab
     uri = storage.join(folder, LEASE_FILE)
     for _ in range(5):  # each turn ends in a decision unless the lease changed hands under us
         mine = LeaseRecord(owner, uuid.uuid4().hex, clock() + ttl_s)
-        if storage.write_bytes_if_absent(uri, mine.to_bytes(), "application/json"):
-            return Lease(folder, mine, ttl_s)
-        try:
-            current = LeaseRecord.from_bytes(storage.read_bytes(uri))
-        except storage.ObjectNotFound:
+        if (version := storage.create_versioned(uri, mine.to_bytes(), "application/json")) is not None:
+            return Lease(folder, mine, ttl_s, version)
+        read = _read(uri)
+        if read is None:
             continue  # released between our create and our read: try again
+        current, version = read
         if current.owner == owner:
-            lease = Lease(folder, current, ttl_s)
-            lease.renew(clock)
-            return lease
-        if not current.expired(clock()):
+            mine = LeaseRecord(owner, current.token, clock() + ttl_s)  # a retry of our own task: same grant
+        elif not current.expired(clock()):
             return current
-        marker = storage.join(folder, TAKEOVER_PREFIX + current.token)
-        if storage.write_bytes_if_absent(marker, mine.to_bytes(), "application/json"):
-            storage.write_bytes(uri, mine.to_bytes(), "application/json")
-            return Lease(folder, mine, ttl_s, takeover_marker=marker)
-        time.sleep(0.05)  # another worker is taking over this stale lease: read what it wrote
-    try:
-        return LeaseRecord.from_bytes(storage.read_bytes(uri))
-    except storage.ObjectNotFound:
-        return LeaseRecord("?", "", 0.0)
+        # Ours to renew, or expired: replace exactly the state we read; a change meanwhile means read again.
+        if (new_version := storage.replace_if_version(uri, mine.to_bytes(), version, "application/json")) is not None:
+            return Lease(folder, mine, ttl_s, new_version)
+    read = _read(uri)
+    return read[0] if read is not None else LeaseRecord("?", "", 0.0)
 
 
 def release_owned(folder: str, owner: str) -> bool:
@@ -148,16 +199,13 @@ def release_owned(folder: str, owner: str) -> bool:
 
     For a run cleaning up after items that failed while storage was unreachable:
     their leases would otherwise block the next run until their TTL passed.
+    Conditional on the state read, so a lease another run took meanwhile stays.
     """
     uri = storage.join(folder, LEASE_FILE)
-    try:
-        current = LeaseRecord.from_bytes(storage.read_bytes(uri))
-    except storage.ObjectNotFound:
+    read = _read(uri)
+    if read is None or read[0].owner != owner:
         return False
-    if current.owner != owner:
-        return False
-    storage.delete(uri)
-    return True
+    return _delete_while_token(uri, read[0].token, read[1])
 
 
 class LeaseKeeper:
@@ -197,7 +245,7 @@ class LeaseKeeper:
                 held = list(self._leases.values())
             for lease in held:
                 try:
-                    if not lease.lost and not lease.renew():
+                    if not lease.lost and not lease.renew() and not lease.released:
                         log.warning("lease %s was taken over by another worker", lease.uri)
                 except storage.StorageError as exc:
                     log.warning("lease %s not renewed (%s); will retry", lease.uri, exc)

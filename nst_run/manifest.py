@@ -54,8 +54,9 @@ MAX_MANIFEST_BYTES = 256 << 20  # refused unread above this (a 100,000-row manif
 # Characters refused in ids and URIs: C0/C1 controls and DEL, bidirectional overrides and isolates (text
 # that displays differently from what it is), line/paragraph separators and the zero-width no-break space.
 _UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ufeff]")
-# "s3:/bucket/key", "s3:bucket/key", "https:/host": a URI with a broken "://", not a local file name.
-_MALFORMED_SCHEME = re.compile(r"^(s3[an]?|file|https?|ftp|gs|gcs|az|abfss?|wasbs?|hdfs):(?!//)", re.IGNORECASE)
+# "s3:/bucket/key", "s3:bucket/key", "https:/host", "s3//bucket", "s3 ://bucket", "s3: //bucket":
+# a URI with a broken "://", not a local file name.
+_MALFORMED_SCHEME = re.compile(r"^(s3[an]?|file|https?|ftp|gs|gcs|az|abfss?|wasbs?|hdfs)(?::(?!//)|\s+:|//)", re.IGNORECASE)
 
 
 class ManifestError(NSTError):
@@ -104,7 +105,7 @@ class InvalidRow:
 
     @property
     def error(self) -> str:
-        return f"row {self.row}, column {self.column}: {self.reason}"
+        return f"row {self.row}, column {self.column}: {storage.sanitize_uri(self.reason)}"  # reasons quote cells
 
 
 @dataclass
@@ -149,9 +150,11 @@ def decode_csv(data: bytes, source: str) -> tuple[list[str], list[dict[str, str]
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise ManifestError(f"manifest {source}: duplicate column(s) {', '.join(dupes)}")
     rows = []
-    for number, record in enumerate(records, start=1):
+    number = 0  # rows count data rows: blank lines neither take a number nor count towards max_items
+    for record in records:
         if not any(cell.strip() for cell in record):
             continue  # blank line
+        number += 1
         if len(record) != len(names):
             rows.append({"__bad__": f"has {len(record)} cells, the header has {len(names)}", "__row__": str(number)})
             continue
@@ -177,6 +180,7 @@ def _not_utf8(data: bytes, offset: int, source: str) -> str:
 
 def _shown(value: str) -> str:
     """A cell as quoted in a reason: repr, cut to MAX_SHOWN_VALUE characters."""
+    value = storage.sanitize_uri(value)  # a cell may hold credentials, whatever its column
     return repr(value if len(value) <= MAX_SHOWN_VALUE else value[:MAX_SHOWN_VALUE] + "...")
 
 
@@ -207,8 +211,8 @@ def check_uri(uri: str, *, allow_local_paths: bool, base_dir: str | None = None)
         raise ValueError(f"is longer than {MAX_URI_LENGTH} characters")
     if _UNSAFE_CHARS.search(uri):
         raise ValueError("contains control or invisible formatting characters")
-    if _MALFORMED_SCHEME.match(uri):
-        scheme = uri.split(":", 1)[0]
+    if malformed := _MALFORMED_SCHEME.match(uri):
+        scheme = malformed.group(1)
         raise ValueError(f"is a malformed URI (write {scheme.lower()}://...)")  # not echoed: it may hold user:password@
     if "|" in uri:
         raise ValueError("lists several URIs ('|'); only style_uri (and style_masks) may list several images")
@@ -221,7 +225,7 @@ def check_uri(uri: str, *, allow_local_paths: bool, base_dir: str | None = None)
             raise ValueError(f"{storage.sanitize_uri(uri)} names no object")
         return uri
     if not allow_local_paths:
-        shown = uri.split("?", 1)[0]  # a pasted presigned URL without its scheme keeps its signature after '?'
+        shown = storage.sanitize_uri(uri)  # a pasted presigned URL without its scheme keeps its signature after '?'
         shown = shown if len(shown) <= 200 and shown == uri else shown[:200] + "..."
         raise ValueError(f"local path {shown!r} refused: allow_local_paths is off (only s3:// URIs are allowed)")
     path = uri.removeprefix("file://")

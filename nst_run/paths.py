@@ -5,7 +5,7 @@
     {output_uri}/items/{item_id}/stylized.{png,jpg,webp}   the output image
                                 /loss.csv, loss.png         the loss history and its plot
                                 /snapshots/iter-NNNNN.png   snapshots (``save_every``)
-                                /.lease, .lease-takeover-*  the item's lease (nst_run.lease)
+                                /.lease                     the item's lease (nst_run.lease)
                                 /meta.json                  written last: the mark of a finished item
     {output_uri}/runs/{run}/parts/results-NNNNN.csv         one part per chunk, as the run goes
                            /results.csv, results.parquet    the results table, written at the end
@@ -34,7 +34,6 @@ LOSS_PNG = "loss.png"
 IMAGE_STEM = "stylized"
 SNAPSHOT_FOLDER = "snapshots"
 LEASE_FILE = ".lease"
-TAKEOVER_PREFIX = ".lease-takeover-"
 
 PARTS_DIR = "parts"
 RESULTS_CSV = "results.csv"

@@ -67,6 +67,12 @@ class Outcome:
     content_distance: float | None = None
     meta: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Every cell the results table, artifacts and logs show comes through here: no credential passes.
+        self.id, self.error = storage.sanitize_cells(self.id), storage.sanitize_cells(self.error)
+        self.content_uri, self.style_uri = storage.sanitize_cells(self.content_uri), storage.sanitize_cells(self.style_uri)
+        self.meta = storage.sanitize_cells(self.meta)
+
     def as_row(self) -> dict[str, Any]:
         data = asdict(self)
         losses, meta = data.pop("losses"), data.pop("meta")
@@ -83,16 +89,21 @@ def outcome_for_row(row: RowSpec, status: str, **kwargs: Any) -> Outcome:
     return Outcome(row=row.row, id=row.id, status=status, content_uri=row.content_uri, style_uri=row.style_uri, meta=row.meta, **kwargs)
 
 
-def _weights_identity(params: StyleParams) -> tuple[str, str | None]:
-    """(weights id, local path) without loading a network; files are fetched and hashed."""
-    spec = WeightsSpec.parse(params.weights)
+def _weights_identity(weights: str) -> tuple[str, str | None]:
+    """(weights id, local path) of a weights spec without loading a network; files are fetched and hashed."""
+    spec = WeightsSpec.parse(weights)
     if spec.kind != "file":
-        return weights_id(params.weights), None
-    local = str(storage.fetch_to_cache(params.weights))
-    digest = sha256_file(local)
-    if params.weights_sha256 and digest != params.weights_sha256.lower():
+        return weights_id(weights), None
+    local = str(storage.fetch_to_cache(weights))
+    return "sha256:" + sha256_file(local), local
+
+
+def _check_weights_sha256(params: StyleParams, weights_id: str) -> None:
+    """The row's own ``weights_sha256`` against the file's id (checked per row: the id is cached per URI)."""
+    expected = (params.weights_sha256 or "").lower()
+    if expected and weights_id != "sha256:" + expected:
+        digest = weights_id.removeprefix("sha256:")
         raise NSTError(f"weights {storage.sanitize_uri(params.weights)}: sha256 is {digest}, expected {params.weights_sha256}")
-    return "sha256:" + digest, local
 
 
 def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8) -> list[Work | Outcome]:
@@ -129,12 +140,16 @@ def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: in
             continue
         if row.params.weights not in weights:
             try:
-                weights[row.params.weights] = _weights_identity(row.params)
+                weights[row.params.weights] = _weights_identity(row.params.weights)
             except (storage.StorageError, NSTError) as exc:
                 weights[row.params.weights] = exc
         ident = weights[row.params.weights]
-        if isinstance(ident, Exception):
-            resolved.append(outcome_for_row(row, "failed", error=str(ident)))
+        try:
+            if isinstance(ident, Exception):
+                raise ident
+            _check_weights_sha256(row.params, ident[0])
+        except (storage.StorageError, NSTError) as exc:
+            resolved.append(outcome_for_row(row, "failed", error=str(exc)))
             continue
         sha = {role: str(hashes[uri]) for role, uri in row.input_uris().items()}
         work = Work(row, items.item_id(sha, row.params, ident[0]), sha, ident[0], ident[1], sizes[row.content_uri])

@@ -95,12 +95,21 @@ def check_reviewer(reviewer: str) -> str:
 
 
 def check_note(note: str | None) -> str:
+    """A note as stored: text, stripped, bounded; a number, list or object is refused (ReviewError)."""
+    if note is not None and not isinstance(note, str):
+        raise ReviewError(f"--note: must be text, not {_json_kind(note)}")
     text = (note or "").strip()
     if len(text) > MAX_NOTE_LENGTH:
         raise ReviewError(f"--note: at most {MAX_NOTE_LENGTH} characters")
     if any(unicodedata.category(ch) == "Cc" and ch not in "\n\t" for ch in text):
         raise ReviewError("--note: control characters are not allowed")
     return text
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value is named in a refusal: 'a number', 'a list', ..."""
+    kinds = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
 
 
 def check_decision(decision: str) -> str:
@@ -182,9 +191,12 @@ def record_bulk(run: Run | str, payload: dict[str, Any], reviewer: str | None = 
         raise ReviewError(f"the decisions file is for run {payload['run']!r}, not {run.name!r}")
     who = check_reviewer(reviewer or payload.get("reviewer") or "")
     checked = []
-    for entry in payload["decisions"]:
+    for number, entry in enumerate(payload["decisions"], start=1):
         if not isinstance(entry, dict):
             raise ReviewError("decisions file: every entry must be an object")
+        for field_name in ("item_id", "id", "decision", "note"):
+            if entry.get(field_name) is not None and not isinstance(entry[field_name], str):
+                raise ReviewError(f"decisions file, entry {number}: {field_name} must be text, not {_json_kind(entry[field_name])}")
         target = str(entry.get("item_id") or entry.get("id") or "")
         resolve_target(run, target)
         checked.append((target, check_decision(entry.get("decision", "")), check_note(entry.get("note"))))

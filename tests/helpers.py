@@ -5,6 +5,8 @@
   clear reason when it is absent.
 * :func:`psnr`: peak signal-to-noise ratio of two ``[3, H, W]`` tensors in [0, 1].
 * :func:`stacked_targets`: per-item content/style targets stacked into one batch.
+* :func:`make_state_dict` / :func:`torchvision_feature_shapes`: a seeded VGG-19 state dict in
+  torchvision's layout (``features.{index}.weight``), for the weights-file tests.
 * :class:`Webhook`: a real HTTP listener on 127.0.0.1 that records what is POSTed to it,
   with :meth:`Webhook.wait_for` (a condition and a timeout, never a sleep).
 """
@@ -94,3 +96,30 @@ class Webhook:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+
+
+def torchvision_feature_shapes() -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{index in features: (weight shape, bias shape)}`` for every convolution."""
+    shapes, index, channels = {}, 0, 3
+    for v in VGG19_CFG:
+        if v == "M":
+            index += 1
+            continue
+        shapes[index] = ((v, channels, 3, 3), (v,))
+        channels = v
+        index += 2  # conv, relu
+    return shapes
+
+
+def make_state_dict(seed: int, prefix: str = "features.") -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for index, (w_shape, b_shape) in torchvision_feature_shapes().items():
+        state[f"{prefix}{index}.weight"] = torch.randn(w_shape, generator=g) * 0.05
+        state[f"{prefix}{index}.bias"] = torch.randn(b_shape, generator=g) * 0.01
+    return state

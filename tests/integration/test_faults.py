@@ -210,7 +210,6 @@ def test_a_killed_worker_leaves_no_item_half_done_and_a_rerun_finishes_exactly_t
             time.sleep(0.1)
         else:
             raise AssertionError("the worker never reached its third item")
-        time.sleep(0.5)
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(30)
     finally:

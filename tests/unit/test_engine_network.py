@@ -20,37 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_state_dict, torchvision_feature_shapes
 from torch import nn
 
 from nst_core import layers, network, weights
 from nst_core.errors import WeightsError
 
+
 # torchvision's VGG-19 ("E") configuration, written out independently of nst_core.
-VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
-
-
-def torchvision_feature_shapes() -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """``{index in features: (weight shape, bias shape)}`` for every convolution."""
-    shapes, index, channels = {}, 0, 3
-    for v in VGG19_CFG:
-        if v == "M":
-            index += 1
-            continue
-        shapes[index] = ((v, channels, 3, 3), (v,))
-        channels = v
-        index += 2  # conv, relu
-    return shapes
-
-
-def make_state_dict(seed: int, prefix: str = "features.") -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for index, (w_shape, b_shape) in torchvision_feature_shapes().items():
-        state[f"{prefix}{index}.weight"] = torch.randn(w_shape, generator=g) * 0.05
-        state[f"{prefix}{index}.bias"] = torch.randn(b_shape, generator=g) * 0.01
-    return state
-
-
 def suggests_an_unsafe_load(message: str) -> bool:
     """Whether a message advises ``weights_only=False`` (torch's own text: "with `weights_only` set to `False`")."""
     return bool(re.search(r"weights_only`?\s*(=|set to)\s*`?False", message)) or "Re-running" in message
