@@ -146,17 +146,26 @@ def test_quality_criterion_holds(styled, size, precision, tubingen, starry):
     assert q_photo.content_distance == 0.0
 
 
+# How far bf16's judged distances may sit from fp32's: the optimisation's own spread, measured, not one
+# pair's luck. benchmarks/precision_spread.py over the 4 sample pairs x 2 weight seeds at 128 px on the CI
+# CPU (benchmarks/results/precision-spread-cpu-128.json): bf16/fp32 style distance 0.929-1.076, content
+# distance 0.998-1.058 (largest deviations 7.6 % and 5.8 %); the same pair once measured 1.092 on another
+# run of that CPU. Both precisions also meet the quality criterion on their own (test above). The bound is
+# 1.6x the largest deviation seen: a bf16 path that broke the optimisation lands far outside it.
+BF16_SPREAD = 0.15
+
+
 def test_bf16_matches_fp32_in_judged_quality(styled, tubingen, starry):
     """bf16 convolutions (precision=bf16, what ``auto`` picks on bf16 hardware) are a different
-    computation, not a worse result: at 128 px both land within 5 % on both judged distances."""
+    computation, not a worse result: at 128 px both judged distances within the measured spread."""
     fp32, bf16 = styled(128, "fp32"), styled(128, "bf16")
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
     assert not torch.equal(fp32.image, bf16.image)  # bf16 really ran
     photo = images.resized_tensor(tubingen, long_side=128)
     style = images.resized_tensor(starry, long_side=128)
     q32, q16 = (quality.measure(r.image, photo, style, r.weights_id) for r in (fp32, bf16))
-    assert q16.style_distance <= 1.05 * q32.style_distance, (q16, q32)
-    assert q16.content_distance <= 1.05 * q32.content_distance, (q16, q32)
+    assert abs(q16.style_distance / q32.style_distance - 1) <= BF16_SPREAD, (q16, q32)
+    assert abs(q16.content_distance / q32.content_distance - 1) <= BF16_SPREAD, (q16, q32)
 
 
 def test_bf16_features_are_fp32_tensors_close_to_the_fp32_ones(net, net64, tubingen):
