@@ -30,7 +30,7 @@ class WeightsSpec:
             seed = text.removeprefix("random:")
             if not (seed.isascii() and seed.isdigit()) or int(seed) >= MAX_RANDOM_SEED:
                 # torch's generator takes 64-bit seeds: a larger one would pass here and fail in the flow
-                raise ValueError(f"weights {text!r}: 'random:' must be followed by an integer seed from 0 to {MAX_RANDOM_SEED - 1}")
+                raise ValueError(f"weights {text!r}: 'random:' must be followed by a non-negative integer seed below 2**63")
             return WeightsSpec("random", seed=int(seed))
         if not text:
             raise ValueError("weights must not be empty")

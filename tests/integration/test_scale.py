@@ -66,7 +66,7 @@ def test_dask_cluster_two_workers_each_item_once(prefect_server, sample_images, 
         workers.add(meta["worker"])
     assert len(workers) == 2, workers  # both worker processes did work
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
-    stylize_runs = [r for r in runs if r.name.startswith("stylize-items")]
+    stylize_runs = [r for r in runs if r.name.startswith("stylize row")]  # named by tasks.naming: "stylize row 3: id"
     assert len(stylize_runs) == 8  # one per item (batch_size=1) ...
     assert all(r.state.is_completed() and r.run_count == 1 for r in stylize_runs)  # ... each run exactly once
 
