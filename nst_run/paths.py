@@ -11,6 +11,7 @@
                            /results.csv, results.parquet    the results table, written at the end
                            /summary.json
                            /report.html                     the report (nst_run.report)
+                           /report-files/{index,cards}-<sha256>.js   its data scripts, loaded on demand
                            /thumbs/in-<sha256>-<px>.jpg     input thumbnails (content addresses)
                            /thumbs/out-<item id>-<px>.jpg   output thumbnails
                            /decisions/<item id>/<UTC stamp>-<reviewer slug>.json   review decisions
@@ -41,6 +42,7 @@ RESULTS_PARQUET = "results.parquet"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 THUMBS_DIR = "thumbs"
+REPORT_FILES_DIR = "report-files"
 DECISIONS_DIR = "decisions"
 # Files a run address may name instead of its folder (``nst report RUN/report.html``).
 RUN_FILES = (REPORT_FILE, SUMMARY_FILE, RESULTS_CSV, RESULTS_PARQUET)

@@ -63,7 +63,7 @@ from markupsafe import Markup
 from nst_core import storage
 from nst_core.params import EXECUTION_FIELDS
 from nst_run import paths
-from nst_run.paths import REPORT_FILE, THUMBS_DIR
+from nst_run.paths import REPORT_FILE, REPORT_FILES_DIR, THUMBS_DIR
 from nst_run.report.table import iter_rows, open_run_header
 from nst_run.results import Run, finite_number, run_folder
 from nst_run.review import BULK_FORMAT, VERDICTS, Decision, latest_per_reviewer, load_decisions, verdict
@@ -84,7 +84,7 @@ VIEW_ROWS = 48
 PAGE_ROWS = 24
 MAX_FILE_BYTES = 4_000_000
 BATCH_ROWS = 2_000
-DATA_DIR = "report-files"
+DATA_DIR = REPORT_FILES_DIR  # named in nst_run.paths with every stored path
 _DATA_NAME = re.compile(r"^(cards|index)-[0-9a-f]{20}\.js$")
 # The index keeps this many leading digits of an item id for the search box (a longer query is matched on them).
 INDEX_ITEM_CHARS = 12
