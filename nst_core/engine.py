@@ -33,7 +33,7 @@ from torch import Tensor
 
 from nst_core import color, images
 from nst_core.errors import ImageError
-from nst_core.execution import choose_execution, features
+from nst_core.execution import EAGER_NCHW, Execution, choose_execution, features
 from nst_core.layers import min_image_side
 from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
 from nst_core.network import Network, load_network, resolve_device, resolve_precision
@@ -150,9 +150,14 @@ class StyleTargetCache:
 
 
 @torch.no_grad()
-def content_targets(network: Network, content: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
-    """Features ``P`` of a content image ``[3, H, W]``, each ``[1, C, h, w]``."""
-    feats = features(network, content.unsqueeze(0).to(network.device), list(layers))
+def content_targets(network: Network, content: Tensor, layers: Sequence[str], execution: Execution = EAGER_NCHW) -> dict[str, Tensor]:
+    """Features ``P`` of a content image ``[3, H, W]``, each ``[1, C, h, w]``.
+
+    ``execution``: the way the optimisation will run the trunk on images of this size
+    (:func:`nst_core.execution.choose_execution`), so that starting from the content image gives a
+    content loss of exactly zero: another layout rounds differently in bf16.
+    """
+    feats = features(network, content.unsqueeze(0).to(network.device), list(layers), execution)
     return {name: feats[name] for name in layers}
 
 
@@ -588,7 +593,9 @@ def stylize_batch(
         shapes = {tuple(inputs.content.shape) for inputs in stage}
         if len(shapes) != 1:
             raise ValueError(f"items of a batch must have the same size at {long_side} px, got {sorted(shapes)}")
-        p_content = _stack_targets([content_targets(network, inputs.content, params.content_layers) for inputs in stage])
+        # The layout optimise will choose for this size (the same cached choice: one per long side and layers read).
+        execution = choose_execution(network, (1, *stage[0].content.shape), loss_weights(params).layers, stage[0].content.dtype)
+        p_content = _stack_targets([content_targets(network, inputs.content, params.content_layers, execution) for inputs in stage])
         a_style, guidance = batch_style_targets(network, params, stage, cache)
         if x is None:
             start_images = torch.stack([inputs.init for inputs in stage])
