@@ -536,11 +536,11 @@ def test_flow_parameter_schema_has_descriptions_bounds_and_enums() -> None:
 def test_s3_manifest_points_sample_paths_at_the_bucket(tmp_path: Path) -> None:
     from infra.stack import s3_manifest
 
-    images = tmp_path / "shared" / "images"
+    images = tmp_path / "nst_samples"  # the repository's layout: manifests/ beside the samples package
     images.mkdir(parents=True)
     text = ("id,content_uri,style_uri,init,meta_x\n"
-            "a,../shared/images/c.jpg,../shared/images/s.jpg,noise,keep\n"
-            "b,s3://other/c.jpg,http://example.com/s.jpg,../shared/images/i.png,x\n")  # fmt: skip
+            "a,../nst_samples/c.jpg,../nst_samples/s.jpg,noise,keep\n"
+            "b,s3://other/c.jpg,http://example.com/s.jpg,../nst_samples/i.png,x\n")  # fmt: skip
     out = s3_manifest(text, tmp_path / "manifests", images, "nst")
     assert out.splitlines() == [
         "id,content_uri,style_uri,init,meta_x",
