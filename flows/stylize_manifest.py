@@ -161,15 +161,18 @@ def stylize_manifest(
     resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=RETRY_JITTER_FACTOR)
     events.run_started(run, owner, rows=manifest.total, invalid=len(manifest.invalid), manifest_uri=manifest_uri, output_uri=output_uri)
 
-    def progress(now: Progress) -> None:  # the UI's artifact first, then in-process listeners (nst run's line)
+    def progress(resolved: list[Work | Outcome], computed: dict[str, Outcome]) -> None:
+        """Rows of earlier chunks plus this chunk's settled ones: the UI's artifact, then in-process listeners (nst run's line)."""
+        done, failed = _settled(resolved, computed)
+        now = Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started)
         update_progress_artifact(progress_id, 100.0 * now.done / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
         publish(now)
+
     random_weights = False
     failed_before = 0  # rows of earlier chunks that failed (progress figures)
     for chunk in chunks(manifest.rows, chunk_size):
         resolved = resolve(chunk, output_uri, force)
-        done, failed = _settled(resolved, {})  # cached rows and inputs that could not be read
-        progress(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
+        progress(resolved, {})  # cached rows and inputs that could not be read
         # Rows with the same item id share one computation; compatible items share a batch.
         first_of: dict[str, Work] = {}
         for r in resolved:
@@ -189,8 +192,7 @@ def stylize_manifest(
             except Exception as exc:  # retries exhausted, or an unexpected error: only this batch fails
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 computed.update({w.item_id: outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in batch})
-            done, failed = _settled(resolved, computed)
-            progress(Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started))
+            progress(resolved, computed)
         outcomes = [r if isinstance(r, Outcome) else for_row(computed[r.item_id], r) for r in resolved]
         failed_before += sum(o.status == "failed" for o in outcomes)
         release_failed_leases(computed.values(), output_uri, owner, storage_patience_s, logger)
@@ -211,7 +213,7 @@ def stylize_manifest(
         "first_failures": [{"row": o.row, "id": o.id, "status": o.status, "error": o.error} for o in failures[:FIRST_FAILURES]],
     }
     summary.update(writer.finish(summary))
-    summary["report"] = build_run_report(writer.folder, storage_patience_s)  # {run folder}/report.html + thumbs/, a task (tasks/steps.py)
+    build_run_report(writer.folder, storage_patience_s)  # summary["report"], + thumbs/ and report-files/; a task (tasks/steps.py)
     events.run_finished(run, owner, summary)
     create_table_artifact(
         table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],

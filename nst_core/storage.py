@@ -690,6 +690,12 @@ def read_bytes(uri: str | os.PathLike[str], max_bytes: int | None = None) -> byt
     raise err  # outside the except: the error carries no botocore context
 
 
+def _require_bytes(function: str, data: object) -> None:
+    """A write takes bytes (a str would be written in some encoding nobody chose)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{function} needs bytes, not {type(data).__name__}")
+
+
 def _too_large(uri: str, size: int, max_bytes: int | None) -> ObjectTooLarge | None:
     if max_bytes is not None and size > max_bytes:
         return ObjectTooLarge(uri, f"{size:,} bytes, more than the {max_bytes:,}-byte limit for this input")
@@ -749,8 +755,7 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes, content_type: str | No
     the S3 object's Content-Type (guessed from the name when None) and ignored
     for local files.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"write_bytes needs bytes, not {type(data).__name__}")
+    _require_bytes("write_bytes", data)
     p = _object(uri)
     text = p.uri
     if p.scheme == "file":
@@ -850,8 +855,7 @@ def create_versioned(uri: str | os.PathLike[str], data: bytes, content_type: str
 
     Same guarantees as :func:`write_bytes_if_absent` (which calls this).
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"create_versioned needs bytes, not {type(data).__name__}")
+    _require_bytes("create_versioned", data)
     p = _object(uri)
     text = p.uri
     if p.scheme == "file":
@@ -877,8 +881,7 @@ def replace_if_version(
     it). Local: under an exclusive ``flock`` on the parent directory, the
     current bytes' hash is compared and the new bytes renamed into place.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"replace_if_version needs bytes, not {type(data).__name__}")
+    _require_bytes("replace_if_version", data)
     p = _object(uri)
     text = p.uri
     if p.scheme == "file":
