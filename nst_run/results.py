@@ -21,9 +21,11 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pandas as pd
 
@@ -222,24 +224,67 @@ def _frame_rows(frame: Any, from_csv: bool) -> list[dict[str, Any]]:
 
 def open_run(run_uri: str) -> Run:
     """Read a run folder back (results table and summary). Raises :class:`ReviewError` when it is not one."""
+    run = open_run_header(run_uri)
+    kind, source = _table_source(run.folder)
+    if kind == "parquet":
+        run.rows = _frame_rows(pd.read_parquet(source), from_csv=False)
+    else:
+        run.rows = _frame_rows(pd.read_csv(source, dtype=str, keep_default_na=False), from_csv=True)
+    return run
+
+
+def open_run_header(run_uri: str) -> Run:
+    """The run at ``run_uri`` without its rows (``rows`` is empty): folder, name, items' root and summary.
+
+    Raises:
+        ReviewError: the folder holds no results table.
+    """
     folder = run_folder(run_uri)
+    _table_source(folder)  # a folder without a results table is no run
     try:
-        data = storage.read_bytes(paths.run_file(folder, paths.RESULTS_PARQUET))
-        rows = _frame_rows(pd.read_parquet(io.BytesIO(data)), from_csv=False)
-    except storage.ObjectNotFound:
-        try:
-            data = storage.read_bytes(paths.run_file(folder, paths.RESULTS_CSV))
-        except storage.ObjectNotFound:
-            raise ReviewError(_not_a_run_message(folder)) from None
-        rows = _frame_rows(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False), from_csv=True)
-    try:
-        summary = json.loads(storage.read_bytes(paths.run_file(folder, paths.SUMMARY_FILE)))
-        if not isinstance(summary, dict):
-            summary = {}
+        stored = json.loads(storage.read_bytes(paths.run_file(folder, paths.SUMMARY_FILE)))
     except (storage.ObjectNotFound, ValueError):
-        summary = {}
+        stored = None
+    summary = stored if isinstance(stored, dict) else {}
     root, name = paths.split_run_folder(folder)
-    return Run(folder=folder, name=str(summary.get("run") or name), output_root=root, rows=rows, summary=summary)
+    return Run(folder=folder, name=str(summary.get("run") or name), output_root=root, rows=[], summary=summary)
+
+
+def iter_rows(run: Run, batch_rows: int = 2_000) -> Iterator[list[dict[str, Any]]]:
+    """The run's results rows, ``batch_rows`` at a time, in the table's order (manifest row order).
+
+    :func:`open_run` holds every row (fine for review and export); the report of a run of any size
+    reads the table in batches instead, so its memory does not grow with the run: Parquet through
+    ``pyarrow.parquet.ParquetFile.iter_batches`` (a local file is read as it goes; an S3 object is
+    fetched once, compressed), else the CSV in chunks, each batch cleaned as ``open_run`` cleans its rows.
+    """
+    kind, source = _table_source(run.folder)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+            yield _frame_rows(batch.to_pandas(), from_csv=False)
+        return
+    with pd.read_csv(source, dtype=str, keep_default_na=False, chunksize=batch_rows) as chunks:
+        for chunk in chunks:
+            yield _frame_rows(chunk, from_csv=True)
+
+
+def _table_source(folder: str) -> tuple[str, Path | BinaryIO]:
+    """("parquet" or "csv", the table as a local path or bytes in memory); Parquet first."""
+    for name, kind in ((paths.RESULTS_PARQUET, "parquet"), (paths.RESULTS_CSV, "csv")):
+        uri = paths.run_file(folder, name)
+        parsed = storage.parse_uri(uri)
+        if parsed.scheme == "file":
+            assert parsed.path is not None
+            if parsed.path.is_file():
+                return kind, parsed.path
+            continue
+        try:
+            return kind, io.BytesIO(storage.read_bytes(uri))
+        except storage.ObjectNotFound:
+            continue
+    raise ReviewError(_not_a_run_message(folder))
 
 
 def _not_a_run_message(folder: str) -> str:

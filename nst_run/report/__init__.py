@@ -64,8 +64,7 @@ from nst_core import storage
 from nst_core.params import EXECUTION_FIELDS
 from nst_run import paths
 from nst_run.paths import REPORT_FILE, REPORT_FILES_DIR, THUMBS_DIR
-from nst_run.report.table import iter_rows, open_run_header
-from nst_run.results import Run, finite_number, run_folder
+from nst_run.results import Run, finite_number, iter_rows, open_run_header, run_folder
 from nst_run.review import BULK_FORMAT, VERDICTS, Decision, latest_per_reviewer, load_decisions, verdict
 from nst_run.status import ALWAYS_SHOWN_STATUSES, DONE_STATUSES, STATUSES
 
