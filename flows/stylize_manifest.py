@@ -1,23 +1,27 @@
 """The flow data teams run: a CSV manifest in, stylised images, losses and metadata out.
 
-Composition only: read and validate the manifest, resolve rows to
-content-addressed items chunk by chunk, plan batches, fan them out to ``gpu``-tagged
-tasks (``tasks.steps``), collect the outcomes into the results table
-(``nst_run.results``), the report and Prefect artifacts. The work itself is
-``nst_run``'s plain functions.
+Composition: read and validate the manifest, resolve rows to content-addressed
+items chunk by chunk (two chunks ahead), plan units of compatible items, and keep
+a sliding window of task runs in flight (``tasks.steps``): twice what the task
+runner runs at once, the next submitted as any finishes, so no chunk waits for
+its slowest batch. Outcomes go to the results table (``nst_run.results``) as they
+come, then the report and Prefect artifacts. The work itself is ``nst_run``'s
+plain functions.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import queue
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -30,12 +34,12 @@ from flows.progress import Progress, publish
 from nst_core import storage
 from nst_core.params import StyleParams
 from nst_run import paths
-from nst_run.execute import auto_batch_size, release_failed_leases
+from nst_run.execute import DEVICES, release_failed_leases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
-from nst_run.planning import Outcome, Work, chunks, for_row, outcome_for_invalid, outcome_for_row, plan_batches
+from nst_run.planning import ItemsInFlight, Outcome, Work, chunks, outcome_for_invalid, outcome_for_row, plan_units
 from nst_run.results import ResultsWriter, run_name
-from tasks.steps import build_run_report, read_manifest, resolve_items, stylize_items
+from tasks.steps import build_run_report, device_limit_exists, read_manifest, resolve_items, stylize_items
 
 TABLE_ARTIFACT_ROWS = 1000
 FIRST_FAILURES = 10  # failed and invalid rows named in summary.json (and by `nst run`); all are in results.csv
@@ -62,15 +66,111 @@ def on_dask(address: str) -> Any:
     return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[arg-type]  # prefect-dask's runner is a TaskRunner of its own futures
 
 
+TASKS_PER_DEVICE_ENV = "NST_TASKS_PER_DEVICE"  # task runs one device serves at once on dask (default 2)
+RESOLVE_AHEAD = 2  # chunks being resolved while earlier ones compute
+DEVICE_LIMIT = os.environ.get("NST_GPU_LIMIT", "gpu")  # the global concurrency limit held around each optimisation, if it exists
+
+
+def _tasks_per_device() -> int:
+    return max(1, int(os.environ.get(TASKS_PER_DEVICE_ENV, "2")))
+
+
 def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
-    """On a dask runner, each batch holds one unit of the workers' GPU resource (``--resources GPU=1``)."""
+    """On a dask runner, each unit holds a share of one unit of the workers' GPU resource (``--resources
+    GPU=1``): ``1/NST_TASKS_PER_DEVICE``, so two tasks run on each device's worker at once and one's
+    fetches and uploads overlap the other's optimisation (the worker's DevicePool lends the device to
+    one at a time)."""
     context = FlowRunContext.get()
     resource = os.environ.get(DASK_RESOURCE_ENV, "GPU")
     if context is None or not resource or type(context.task_runner).__name__ != "DaskTaskRunner":
         return contextlib.nullcontext()
     import dask
 
-    return dask.annotate(resources={resource: 1})  # the results table artifact shows the first rows; the files have all
+    return dask.annotate(resources={resource: 1 / _tasks_per_device()})
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the flow's task runner can compute at once: ``devices`` (GPUs, or 1 CPU), ``tasks`` run at
+    once, and whether every device is a CPU (known only in-process)."""
+
+    devices: int
+    tasks: int
+    cpu_only: bool
+    where: str
+
+    @property
+    def window(self) -> int:
+        """Task runs kept in flight: twice what runs at once, so a device that finishes finds the next one queued."""
+        return 2 * self.tasks
+
+    def describe(self) -> str:
+        return f"{self.where}: {self.devices} device(s), {self.tasks} task(s) at once, up to {self.window} in flight"
+
+
+def runner_capacity() -> Capacity:
+    """The flow's task runner's :class:`Capacity`: this process's devices and threads, or the dask cluster's
+    workers (their ``GPU`` resource and threads) as the scheduler knows them when the run starts."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context is not None else None
+    if type(runner).__name__ == "DaskTaskRunner":
+        resource = os.environ.get(DASK_RESOURCE_ENV, "GPU")
+        workers = list(runner.client.scheduler_info(n_workers=-1)["workers"].values())  # type: ignore[union-attr]
+        share = _tasks_per_device()
+        devices = tasks = 0
+        for worker in workers:
+            held = int(worker.get("resources", {}).get(resource, 0)) if resource else 1
+            devices += held
+            tasks += min(int(worker.get("nthreads", 1)), held * share) if resource else int(worker.get("nthreads", 1))
+        return Capacity(max(1, devices), max(1, tasks), False, f"dask ({len(workers)} workers)")
+    threads = int(getattr(runner, "_max_workers", 0) or os.environ.get("NST_THREADS", "8"))
+    return Capacity(len(DEVICES.devices), max(1, threads), DEVICES.devices[0].type == "cpu", "this process")
+
+
+class SlidingWindow:
+    """Task futures in flight (at most ``size``) with the unit each computes; :meth:`next_done` returns
+    whichever finishes first. Each future reports itself on a queue once (a done callback), so waiting
+    costs nothing per future in flight."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._units: dict[Any, list[Work]] = {}
+        self._done: queue.Queue[Any] = queue.Queue()
+        self._watched: set[int] = set()
+        self._early: list[Any] = []  # other futures that finished while not waited for
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    def has_room(self) -> bool:
+        return len(self._units) < self.size
+
+    def add(self, future: Any, unit: list[Work]) -> None:
+        self._units[future] = unit
+        self._watch(future)
+
+    def _watch(self, future: Any) -> None:
+        if id(future) not in self._watched:
+            self._watched.add(id(future))
+            future.add_done_callback(self._done.put)
+
+    def next_done(self, also: Any = None) -> tuple[Any, list[Work]]:
+        """The first of the window's futures, or ``also``, to finish, and its unit (empty for ``also``)."""
+        if also is not None:
+            if any(f is also for f in self._early):
+                self._early = [f for f in self._early if f is not also]
+                self._watched.discard(id(also))
+                return also, []
+            self._watch(also)
+        while True:
+            future = self._done.get()
+            if future in self._units:
+                self._watched.discard(id(future))
+                return future, self._units.pop(future)
+            if future is also:
+                self._watched.discard(id(future))
+                return future, []
+            self._early.append(future)
 
 
 RETRY_JITTER_FACTOR = 0.5  # each retry waits a random time around its delay (at most 1.5x): workers do not retry in step
@@ -80,12 +180,6 @@ def retry_delays(retries: int, first_delay_s: float, cap_s: float = 600.0) -> li
     """Delays before each task retry: Prefect's ``exponential_backoff`` from ``first_delay_s`` (doubling: a blip
     is retried soon, an outage waited out), each capped at ``cap_s``; tasks add ``RETRY_JITTER_FACTOR``."""
     return [min(delay, cap_s) for delay in exponential_backoff(backoff_factor=first_delay_s)(retries)]
-
-
-def _settled(resolved: list[Work | Outcome], computed: dict[str, Outcome]) -> tuple[int, int]:
-    """How many of a chunk's rows have an outcome (resolved ones, or their item computed), and how many failed."""
-    outcomes = [r if isinstance(r, Outcome) else computed.get(r.item_id) for r in resolved]
-    return sum(o is not None for o in outcomes), sum(o is not None and o.status == "failed" for o in outcomes)
 
 
 def _check_output(output_uri: str, allow_local_paths: bool) -> None:
@@ -134,7 +228,7 @@ def stylize_manifest(
     allow_local_paths: Annotated[bool, Field(description="Allow local paths (not only s3://) for the manifest, inputs and outputs.")] = False,
     item_timeout_s: Annotated[float, Field(gt=0, description="Fail an item whose optimisation runs longer than this.")] = 3600.0,
     batch_size: Annotated[int, Field(ge=0, le=256, description="Items optimised together when their size and parameters match; 0 = automatic (1 on CPU, from free GPU memory on CUDA).")] = 0,
-    chunk_size: Annotated[int, Field(ge=1, le=10_000, description="Rows resolved and submitted together; bounds the task runs in flight.")] = 64,
+    chunk_size: Annotated[int, Field(ge=1, le=10_000, description="Rows resolved together (each chunk's inputs hashed in one task, two chunks ahead of the work) and written per results part.")] = 64,
     retries: Annotated[int, Field(ge=0, le=20, description="Task retries on transient storage errors (unreachable endpoint, timeouts, 5xx).")] = 5,
     retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay before the first task retry; each further retry waits twice as long (capped at 600 s), each delay varied at random by up to 50 % so workers do not retry in step.")] = 5.0,
     lease_ttl_s: Annotated[float, Field(ge=1, le=86_400, description="How long an item's lease outlives its worker's last heartbeat (a dead worker blocks its items this long; renewed every third of it).")] = DEFAULT_TTL_S,
@@ -150,7 +244,7 @@ def stylize_manifest(
         raise ManifestError(f"strict: {len(manifest.invalid)} invalid row(s), nothing was run. {first}")
     run = run_name(flow_run.get_name())
     owner = flow_run.get_id() or run  # leases (nst_run.lease) are held in the name of this flow run
-    writer = ResultsWriter(output_uri, run, patience_s=storage_patience_s)
+    writer = ResultsWriter(output_uri, run, patience_s=storage_patience_s, part_rows=chunk_size)
     writer.add([outcome_for_invalid(bad) for bad in manifest.invalid])
     for bad in manifest.invalid:
         logger.warning("invalid %s", bad.error)
@@ -161,43 +255,57 @@ def stylize_manifest(
     resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=RETRY_JITTER_FACTOR)
     events.run_started(run, owner, rows=manifest.total, invalid=len(manifest.invalid), manifest_uri=manifest_uri, output_uri=output_uri)
 
-    def progress(resolved: list[Work | Outcome], computed: dict[str, Outcome]) -> None:
-        """Rows of earlier chunks plus this chunk's settled ones: the UI's artifact, then in-process listeners (nst run's line)."""
-        done, failed = _settled(resolved, computed)
-        now = Progress(manifest.total, len(writer.outcomes) + done, failed_before + failed, len(manifest.invalid), time.perf_counter() - started)
+    settled = {"failed": 0}
+
+    def settle(outcomes: list[Outcome]) -> None:
+        """Rows with an outcome: into the results table, then the UI's progress artifact and in-process listeners (nst run's line)."""
+        writer.add(outcomes)
+        settled["failed"] += sum(o.status == "failed" for o in outcomes)
+        now = Progress(manifest.total, len(writer.outcomes), settled["failed"], len(manifest.invalid), time.perf_counter() - started)
         update_progress_artifact(progress_id, 100.0 * now.done / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
         publish(now)
 
+    capacity = runner_capacity()
+    logger.info("dispatching to %s", capacity.describe())
+    device_limit = DEVICE_LIMIT if DEVICE_LIMIT and device_limit_exists(DEVICE_LIMIT) else None
+    if device_limit:
+        logger.info("each optimisation holds a slot of the global concurrency limit %r", device_limit)
+    window = SlidingWindow(capacity.window)
+    flight = ItemsInFlight()
+    units: collections.deque[list[Work]] = collections.deque()
+    pending_chunks = iter(chunks(manifest.rows, chunk_size))
+    resolving: collections.deque[Any] = collections.deque()  # resolve futures, oldest first
     random_weights = False
-    failed_before = 0  # rows of earlier chunks that failed (progress figures)
-    for chunk in chunks(manifest.rows, chunk_size):
-        resolved = resolve(chunk, output_uri, force)
-        progress(resolved, {})  # cached rows and inputs that could not be read
-        # Rows with the same item id share one computation; compatible items share a batch.
-        first_of: dict[str, Work] = {}
-        for r in resolved:
-            if isinstance(r, Work):
-                first_of.setdefault(r.item_id, r)
-        batches = plan_batches(list(first_of.values()), batch_size, auto_batch_size)
-        with _gpu_annotation():
-            futures = [
-                stylize.submit(batch, output_uri, item_timeout_s, owner, lease_ttl_s, lease_wait_s, force) for batch in batches
-            ]
-        computed: dict[str, Outcome] = {}
-        batch_of = {future.task_run_id: batch for batch, future in zip(batches, futures, strict=True)}
-        for future in as_completed(futures):  # as each finishes: progress shows a batch when it is done, not after slower ones
-            batch = batch_of[future.task_run_id]
-            try:
-                computed.update({o.item_id: o for o in future.result()})
-            except Exception as exc:  # retries exhausted, or an unexpected error: only this batch fails
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                computed.update({w.item_id: outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in batch})
-            progress(resolved, computed)
-        outcomes = [r if isinstance(r, Outcome) else for_row(computed[r.item_id], r) for r in resolved]
-        failed_before += sum(o.status == "failed" for o in outcomes)
-        release_failed_leases(computed.values(), output_uri, owner, storage_patience_s, logger)
-        random_weights = random_weights or any(o.weights_id.startswith("random:") for o in outcomes)
-        writer.add(outcomes)  # the progress artifact already shows these rows (updated per batch above)
+    while True:
+        while len(resolving) < RESOLVE_AHEAD and (chunk := next(pending_chunks, None)) is not None:
+            resolving.append(resolve.submit(chunk, output_uri, force, owner=owner))  # resolving overlaps computing
+        while units and window.has_room():
+            unit = units.popleft()
+            with _gpu_annotation():
+                window.add(stylize.submit(
+                    unit, output_uri, item_timeout_s, owner, lease_ttl_s, lease_wait_s, force,
+                    batch_size=batch_size, store_retry_delays=delays, device_limit=device_limit,
+                ), unit)  # fmt: skip
+        if not window and not resolving:
+            break
+        # A new chunk is taken in only while few units wait: what is planned but not submitted stays bounded.
+        wanted = resolving[0] if resolving and len(units) < capacity.window else None
+        finished, unit = window.next_done(also=wanted)
+        if finished is wanted:
+            resolved = resolving.popleft().result()  # a resolve that failed for good fails the run, as before
+            new, known = flight.add(resolved)
+            random_weights = random_weights or any(o.weights_id.startswith("random:") for o in known)
+            units.extend(plan_units(new, batch_size, len(new) if capacity.cpu_only else capacity.devices))
+            settle(known)  # cached rows and inputs that could not be read
+            continue
+        try:
+            computed = list(finished.result())
+        except Exception as exc:  # retries exhausted, or an unexpected error: only this unit fails
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            computed = [outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in unit]
+        release_failed_leases(computed, output_uri, owner, storage_patience_s, logger)
+        random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)
+        settle(flight.settle(computed))
     counts = writer.counts()
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     summary: dict[str, Any] = {

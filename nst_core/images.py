@@ -310,19 +310,24 @@ def load_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
         raise ImageError(f"{label}: cannot decode image ({reason}); the file may be truncated or corrupt") from None
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
+def header_size(data: bytes, complete: bool = True) -> tuple[int, int] | None:
     """(width, height) as displayed (EXIF orientation applied), from the header only; None if unreadable.
 
     Never decodes: Pillow's ``getexif()`` on a PNG decodes the whole image (to find an ``eXIf`` chunk
     after the pixels), which for a PNG decompression bomb means gigabytes. For a PNG the metadata read
     with the header is used, and None is returned when a chunk after the pixels may rotate it.
+
+    Args:
+        data: the file's bytes, or only its first bytes.
+        complete: False when ``data`` is only the start of the file: a PNG's chunks after the pixels
+            are then unseen, so its displayed size is unknown (None).
     """
     try:
         with _open(data, "image") as image, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # corrupt EXIF: the orientation is then unknown, see below
             width, height = image.size
             if image.format == "PNG":
-                if _png_orientation_after_pixels(io.BytesIO(data)):
+                if not complete or _png_orientation_after_pixels(io.BytesIO(data)):
                     return None
                 exif = Image.Image.getexif(image)  # the base class: metadata parsed with the header only
             else:

@@ -77,6 +77,10 @@ __all__ = [
     "sanitize_text",
     "sanitize_uri",
     "sha256_bytes",
+    "sha256_stream",
+    "stat",
+    "check_size",
+    "ObjectStat",
     "write_bytes",
     "write_bytes_if_absent",
     "create_versioned",
@@ -690,10 +694,121 @@ def read_bytes(uri: str | os.PathLike[str], max_bytes: int | None = None) -> byt
     raise err  # outside the except: the error carries no botocore context
 
 
+@dataclass(frozen=True)
+class ObjectStat:
+    """What names one version of an object without reading it: its size and a version tag.
+
+    ``version`` is the S3 ``VersionId`` when the bucket keeps versions, else its ``ETag`` (which
+    changes whenever the bytes do); for a local file its modification time in nanoseconds and inode
+    (a rewrite or a replacement changes one of them, unless someone restores the time by hand).
+    """
+
+    size: int
+    version: str
+
+
+def stat(uri: str | os.PathLike[str]) -> ObjectStat:
+    """The object's size and version tag (a HEAD request; ``os.stat`` for a local file).
+
+    Raises:
+        ObjectNotFound, NoSuchBucket, AccessDenied, TransientStorageError, StorageError.
+    """
+    p = _object(uri)
+    text = p.uri
+    if p.scheme == "file":
+        assert p.path is not None
+        try:
+            st = p.path.stat()
+        except OSError as exc:
+            err = _os_error(exc, text)
+        else:
+            if not p.path.is_file():
+                raise StorageError(text, "is not a regular file")
+            return ObjectStat(st.st_size, f"mtime_ns={st.st_mtime_ns};ino={st.st_ino}")
+        raise err
+    head, found = _head_or_error(_s3_client(), p, text)
+    if found is not None:
+        raise found
+    version_id = str(head.get("VersionId") or "null")  # "null": the bucket keeps no versions of it
+    version = f"version_id={version_id}" if version_id != "null" else f"etag={head.get('ETag') or ''}"
+    return ObjectStat(int(head.get("ContentLength") or 0), version)
+
+
+def sha256_stream(
+    uri: str | os.PathLike[str],
+    max_bytes: int | None = None,
+    head_bytes: int = 1 << 20,
+    chunk_bytes: int = 1 << 20,
+    version: ObjectStat | None = None,
+) -> tuple[str, ObjectStat, bytes]:
+    """Hash an object while reading it in chunks: (sha256 hex, the version read, its first ``head_bytes``).
+
+    Memory stays at ``head_bytes + chunk_bytes`` whatever the object's size. An S3 object is read
+    with ``If-Match`` on the ETag its HEAD returned, so the hash always belongs to the version
+    returned; a local file is stat'ed before and after reading and refused if it changed meanwhile.
+    ``version``: what :func:`stat` just returned for ``uri``, to spare a second HEAD.
+
+    Raises:
+        ObjectTooLarge: larger than ``max_bytes`` (checked before any byte is read).
+        TransientStorageError: the object changed while being read (try again), or storage is unreachable.
+        ObjectNotFound, NoSuchBucket, AccessDenied, StorageError.
+    """
+    p = _object(uri)
+    text = p.uri
+    version = version or stat(uri)
+    if (err := _too_large(text, version.size, max_bytes)) is not None:
+        raise err
+    digest, head = hashlib.sha256(), bytearray()
+
+    def take(chunk: bytes) -> None:
+        digest.update(chunk)
+        if len(head) < head_bytes:
+            head.extend(chunk[: head_bytes - len(head)])
+
+    failure: StorageError | None = None
+    if p.scheme == "file":
+        assert p.path is not None
+        try:
+            with open(p.path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(chunk_bytes), b""):
+                    take(chunk)
+        except OSError as exc:
+            failure = _os_error(exc, text)
+        else:
+            if stat(uri) != version:
+                failure = TransientStorageError(text, "file changed while being hashed; try again")
+    else:
+        from botocore.exceptions import ClientError
+
+        try:
+            kwargs: dict[str, Any] = {"Bucket": p.bucket, "Key": p.key}  # the version HEAD saw, and no other
+            if version.version.startswith("version_id="):
+                kwargs["VersionId"] = version.version.removeprefix("version_id=")
+            elif version.version != "etag=":
+                kwargs["IfMatch"] = version.version.removeprefix("etag=")
+            body = _s3_client().get_object(**kwargs)["Body"]
+            for chunk in iter(lambda: body.read(chunk_bytes), b""):
+                take(chunk)
+        except ClientError as exc:
+            _code, status = _client_error_info(exc)
+            failure = TransientStorageError(text, "object changed while being hashed; try again") if status == 412 else _translate(exc, text, p.bucket)
+        except Exception as exc:
+            failure = _translate(exc, text, p.bucket)
+    if failure is not None:
+        raise failure  # outside the except: the error carries no botocore context
+    return digest.hexdigest(), version, bytes(head)
+
+
 def _require_bytes(function: str, data: object) -> None:
     """A write takes bytes (a str would be written in some encoding nobody chose)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"{function} needs bytes, not {type(data).__name__}")
+
+
+def check_size(uri: str | os.PathLike[str], size: int, max_bytes: int | None) -> None:
+    """Raise :class:`ObjectTooLarge` when ``size`` (as :func:`stat` gave it) exceeds ``max_bytes``."""
+    if (err := _too_large(_object(uri).uri, size, max_bytes)) is not None:
+        raise err
 
 
 def _too_large(uri: str, size: int, max_bytes: int | None) -> ObjectTooLarge | None:

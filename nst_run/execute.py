@@ -20,12 +20,14 @@ import contextlib
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -34,13 +36,33 @@ from nst_core import engine, history, images, quality, storage
 from nst_core.engine import estimate_item_bytes, network_for
 from nst_core.errors import NSTError
 from nst_core.network import resolve_device
-from nst_run import items, lease
+from nst_core.weights import WeightsSpec
+from nst_run import inputs, items, lease
 from nst_run.paths import ItemPaths
-from nst_run.planning import Outcome, Work, cached_outcome, item_paths, outcome_for_row
+from nst_run.planning import Outcome, Work, cached_outcome, chunks, item_paths, outcome_for_row
 
 T = TypeVar("T")
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+DeviceSlot = Callable[[], contextlib.AbstractContextManager[Any]]
 log = logging.getLogger(__name__)
+AUTO_MAX_ITEMS = 64  # the most items one automatic batch holds, whatever the memory
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a worker runs the items it is given.
+
+    Attributes:
+        batch_size: items per optimisation; 0 = what this machine's device holds (:func:`auto_batch_size`).
+        store_retry_delays: seconds to wait before each retry of an item's writes after a transient
+            storage error (retried in place, the optimisation is not run again).
+        hold_device: entered around each optimisation (after this process's device is free): the
+            caller's cross-process limit, e.g. a Prefect global concurrency slot.
+    """
+
+    batch_size: int = 0
+    store_retry_delays: Sequence[float] = ()
+    hold_device: DeviceSlot = field(default=contextlib.nullcontext)
 
 
 class DevicePool:
@@ -94,15 +116,25 @@ class DevicePool:
 
 DEVICES = DevicePool()
 STYLE_CACHE = engine.StyleTargetCache()
+INPUTS = inputs.DecodedImages(inputs.cache_budget_bytes())
 
 
 def _fetch_images(work: Work) -> dict[str, Any]:
+    """The row's inputs decoded, by role; each checked against the hash the item was named by.
+
+    Decoded images are kept per process (:data:`INPUTS`): a style shared by many rows is read once.
+    """
     loaded = {}
     for role, uri in work.row.input_uris().items():
-        data = storage.read_bytes(uri, max_bytes=images.max_file_bytes(work.row.params.max_pixels))
-        if storage.sha256_bytes(data) != work.input_sha256[role]:
-            raise NSTError(f"{role} {storage.sanitize_uri(uri)} changed during the run (sha256 differs); re-run to pick it up")
-        loaded[role] = images.load_image(data, name=storage.sanitize_uri(uri), max_pixels=work.row.params.max_pixels)
+        expected, max_pixels = work.input_sha256[role], work.row.params.max_pixels
+
+        def load(uri: str = uri, role: str = role, expected: str = expected, max_pixels: int = max_pixels) -> Any:
+            data = storage.read_bytes(uri, max_bytes=images.max_file_bytes(max_pixels))
+            if storage.sha256_bytes(data) != expected:
+                raise NSTError(f"{role} {storage.sanitize_uri(uri)} changed during the run (sha256 differs); re-run to pick it up")
+            return images.load_image(data, name=storage.sanitize_uri(uri), max_pixels=max_pixels)
+
+        loaded[role] = INPUTS.get((uri, expected, max_pixels), load)
     return loaded
 
 
@@ -118,11 +150,18 @@ def _job(work: Work, loaded: dict[str, Any]) -> engine.Job:
     return engine.Job(loaded["content"], tuple(loaded[role] for role in row.style_roles()), row.params, loaded.get("init"), masks, names)
 
 
-def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult]:
+def _run_batch(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None, hold_device: DeviceSlot) -> list[engine.StyleResult]:
     params = batch[0][0].row.params
     jobs = [_job(work, loaded) for work, loaded in batch]
-    with DEVICES.acquire(params.device) as device:
+    with DEVICES.acquire(params.device) as device, hold_device():
         return DEVICES.run(device, _optimise_and_judge, jobs, device, batch[0][0], time_limit_s)
+
+
+def _local_weights(params: Any) -> str | None:
+    """A local copy of remote weights, fetched on this machine (the one that loads the network)."""
+    if WeightsSpec.parse(params.weights).kind == "file" and storage.is_s3(params.weights):
+        return str(storage.fetch_to_cache(params.weights))
+    return None
 
 
 def _optimise_and_judge(jobs: list[engine.Job], device: torch.device, first: Work, time_limit_s: float | None) -> list[engine.StyleResult]:
@@ -130,7 +169,7 @@ def _optimise_and_judge(jobs: list[engine.Job], device: torch.device, first: Wor
     params = jobs[0].params
     # The weights the items were named by: a weights file replaced since then fails them, never computes them.
     named_by = first.weights_id.removeprefix("sha256:") if first.weights_id.startswith("sha256:") else None
-    network = network_for(params, device, first.weights_path, weights_sha256=named_by)
+    network = network_for(params, device, _local_weights(params), weights_sha256=named_by)
     results = engine.stylize_batch(jobs, network=network, cache=STYLE_CACHE, time_limit_s=time_limit_s)
     for job, result in zip(jobs, results, strict=True):
         # Judged by a VGG-19 with other weights than the optimised one (see nst_core.quality).
@@ -145,21 +184,21 @@ def _free_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_unless_oom(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult] | None:
+def _run_unless_oom(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None, hold_device: DeviceSlot) -> list[engine.StyleResult] | None:
     """The batch's results, or None when it ran out of memory (the device cache freed)."""
     try:
-        return list(_run_batch(batch, time_limit_s))
+        return list(_run_batch(batch, time_limit_s, hold_device))
     except torch.OutOfMemoryError:
         _free_cuda_cache()
         return None
 
 
-def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None) -> list[engine.StyleResult | str]:
+def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None, hold_device: DeviceSlot) -> list[engine.StyleResult | str]:
     """Run a batch; on out-of-memory halve it once, and a half that still does not fit runs item by item.
 
     An item that does not fit alone gets ``"out_of_memory"``; the others go on.
     """
-    whole = _run_unless_oom(batch, time_limit_s)
+    whole = _run_unless_oom(batch, time_limit_s, hold_device)
     if whole is not None:
         return list(whole)
     if len(batch) == 1:
@@ -167,9 +206,9 @@ def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limi
     half = len(batch) // 2
     out: list[engine.StyleResult | str] = []
     for part in (batch[:half], batch[half:]):
-        done = _run_unless_oom(part, time_limit_s)
+        done = _run_unless_oom(part, time_limit_s, hold_device)
         if done is None and len(part) > 1:
-            done = [r for single in part for r in (_run_unless_oom([single], time_limit_s) or ["out_of_memory"])]  # type: ignore[list-item]
+            done = [r for single in part for r in (_run_unless_oom([single], time_limit_s, hold_device) or ["out_of_memory"])]  # type: ignore[list-item]
         out += done if done is not None else ["out_of_memory"]
     return out
 
@@ -203,33 +242,57 @@ def _store(work: Work, output_uri: str, result: engine.StyleResult, owner: str =
     return cached_outcome(work, output_uri, meta, status="succeeded")
 
 
-def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, owner: str, logger: Logger) -> dict[str, Outcome]:
-    """Fetch, optimise (one batch) and store ``works``; an item whose inputs cannot be used fails alone."""
-    outcomes: dict[str, Outcome] = {}
+def _store_retried(work: Work, output_uri: str, result: engine.StyleResult, owner: str, delays: Sequence[float]) -> Outcome:
+    """:func:`_store`, retried in place after each transient storage error (waiting ``delays[i]``, up to
+    half as long again at random, before retry ``i``): an upload blip never re-runs an optimisation.
+    A permanent error, or a transient one after the last delay, is raised."""
+    for delay in [*delays, None]:
+        try:
+            return _store(work, output_uri, result, owner)
+        except storage.StorageError as exc:
+            if not exc.transient or delay is None:
+                raise
+            log.warning("storing item %s failed (%s); again in about %.1f s", work.item_id, exc, delay)
+        time.sleep(delay * random.uniform(1.0, 1.5))
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _fetch_batch(works: list[Work]) -> tuple[list[tuple[Work, dict[str, Any]]], dict[str, Outcome]]:
+    """Inputs of ``works`` decoded, and the failures of those whose inputs cannot be used (transient errors raise)."""
     ready: list[tuple[Work, dict[str, Any]]] = []
+    failed: dict[str, Outcome] = {}
     for work in works:
         try:
             ready.append((work, _fetch_images(work)))
         except storage.StorageError as exc:
             if exc.transient:
                 raise
-            outcomes[work.item_id] = _failed(work, str(exc))
+            failed[work.item_id] = _failed(work, str(exc))
         except NSTError as exc:
-            outcomes[work.item_id] = _failed(work, str(exc).splitlines()[0])
+            failed[work.item_id] = _failed(work, str(exc).splitlines()[0])
         except Exception as exc:  # an unforeseen decoder error fails its own item, not the batch
-            outcomes[work.item_id] = _failed(work, f"{type(exc).__name__}: {storage.sanitize_text(str(exc))}")
-    if not ready:
-        return outcomes
-    try:
-        results = _optimise_with_oom_split(ready, time_limit_s)
-    except (NSTError, engine.TimeLimitExceeded, ValueError) as exc:
-        results = [str(exc).splitlines()[0]] * len(ready)
+            failed[work.item_id] = _failed(work, f"{type(exc).__name__}: {storage.sanitize_text(str(exc))}")
+    return ready, failed
+
+
+def optimisation_batches(works: list[Work], batch_size: int) -> list[list[Work]]:
+    """``works`` cut into the optimisations this process runs: ``batch_size`` items each, or with 0
+    what this machine's device holds (:func:`auto_batch_size`); incompatible items never share one."""
+    groups: dict[tuple[object, ...], list[Work]] = {}
+    for work in works:
+        groups.setdefault(work.batch_key(), []).append(work)
+    return [part for group in groups.values() for part in chunks(group, batch_size or auto_batch_size(group[0]))]
+
+
+def _store_all(ready: list[tuple[Work, dict[str, Any]]], results: list[engine.StyleResult | str], output_uri: str,
+               owner: str, delays: Sequence[float], logger: Logger) -> dict[str, Outcome]:  # fmt: skip
+    outcomes: dict[str, Outcome] = {}
     for (work, _), result in zip(ready, results, strict=True):
         if isinstance(result, str):
             outcomes[work.item_id] = _failed(work, result)
             continue
         try:
-            outcomes[work.item_id] = _store(work, output_uri, result, owner)
+            outcomes[work.item_id] = _store_retried(work, output_uri, result, owner, delays)
         except storage.StorageError as exc:
             if exc.transient:
                 raise
@@ -240,6 +303,32 @@ def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, own
             "item %s (row %s) done: %d iterations in %.1f s on %s, %s (batch of %d)",
             work.row.id, work.row.row, result.iterations, result.wall_time_s, result.device, result.precision, len(ready),
         )  # fmt: skip
+    return outcomes
+
+
+def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, owner: str, logger: Logger, run: RunOptions) -> dict[str, Outcome]:
+    """Fetch, optimise and store ``works``, one optimisation batch after another, as a pipeline: the
+    next batch's inputs are fetched and decoded, and the last batch's outputs encoded and uploaded,
+    while the device optimises. An item whose inputs cannot be used fails alone."""
+    outcomes: dict[str, Outcome] = {}
+    batches = optimisation_batches(works, run.batch_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="nst-fetch") as fetcher, ThreadPoolExecutor(1, thread_name_prefix="nst-store") as storer:
+        stores = []
+        fetching = fetcher.submit(_fetch_batch, batches[0]) if batches else None
+        for later in [*batches[1:], None]:
+            assert fetching is not None
+            ready, failed = fetching.result()  # a transient error raises here: the task is retried
+            outcomes.update(failed)
+            fetching = fetcher.submit(_fetch_batch, later) if later else None
+            if not ready:
+                continue
+            try:
+                results = _optimise_with_oom_split(ready, time_limit_s, run.hold_device)
+            except (NSTError, engine.TimeLimitExceeded, ValueError) as exc:
+                results = [str(exc).splitlines()[0]] * len(ready)
+            stores.append(storer.submit(_store_all, ready, results, output_uri, owner, run.store_retry_delays, logger))
+        for stored in stores:
+            outcomes.update(stored.result())
     return outcomes
 
 
@@ -282,8 +371,9 @@ def stylize_items(
     lease_wait_s: float = 600.0,
     force: bool = False,
     logger: Logger = log,
+    options: RunOptions = RunOptions(),
 ) -> list[Outcome]:
-    """Stylise a batch of compatible items in one optimisation and store each one's outputs.
+    """Stylise compatible items, in optimisation batches sized by ``options``, and store each one's outputs.
 
     Each item is leased first (:mod:`nst_run.lease`, ``owner`` is the flow
     run), so concurrent runs never compute one item twice: an item another
@@ -298,7 +388,7 @@ def stylize_items(
 
         def run_leased(batch: list[Work]) -> None:
             try:
-                outcomes.update(_compute(batch, output_uri, time_limit_s, owner, logger))
+                outcomes.update(_compute(batch, output_uri, time_limit_s, owner, logger, options))
             finally:
                 for work in batch:
                     if (held := keeper.drop(work.item_id)) is not None:
@@ -340,10 +430,13 @@ def stylize_items(
 
 
 def auto_batch_size(work: Work) -> int:
-    """Items of ``work``'s size one batch may hold: 1 without CUDA, else what 70 % of the free GPU memory holds (at most 64)."""
+    """Items of ``work``'s size one optimisation may hold on this machine: 1 on a CPU (batching does not
+    speed up a compute-bound CPU), else what 70 % of the first GPU's available memory holds (at most
+    :data:`AUTO_MAX_ITEMS`). Available: free on the card plus what PyTorch's allocator holds unused."""
     if not torch.cuda.is_available() or work.content_size is None:
         return 1
     free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     side = work.row.params.size
     width, height = images.fitted_size(*work.content_size, side)
-    return int(max(1, min(64, 0.7 * free // estimate_item_bytes(height, width, work.row.params))))
+    return int(max(1, min(AUTO_MAX_ITEMS, 0.7 * free // estimate_item_bytes(height, width, work.row.params))))

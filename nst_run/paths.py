@@ -7,7 +7,7 @@
                                 /snapshots/iter-NNNNN.png   snapshots (``save_every``)
                                 /.lease                     the item's lease (nst_run.lease)
                                 /meta.json                  written last: the mark of a finished item
-    {output_uri}/runs/{run}/parts/results-NNNNN.csv         one part per chunk, as the run goes
+    {output_uri}/runs/{run}/parts/results-NNNNN.csv         rows as they settle, a chunk's worth per part
                            /results.csv, results.parquet    the results table, written at the end
                            /summary.json
                            /report.html                     the report (nst_run.report)
@@ -15,6 +15,7 @@
                            /thumbs/in-<sha256>-<px>.jpg     input thumbnails (content addresses)
                            /thumbs/out-<item id>-<px>.jpg   output thumbnails
                            /decisions/<item id>/<UTC stamp>-<reviewer slug>.json   review decisions
+    {output_uri}/input-hashes/<kk>/<key>.json               an input's sha256 for one (URI, version, size)
 
 Only names and joins here (no reads or writes, no torch, no Prefect).
 """
@@ -44,10 +45,17 @@ REPORT_FILE = "report.html"
 THUMBS_DIR = "thumbs"
 REPORT_FILES_DIR = "report-files"
 DECISIONS_DIR = "decisions"
+INPUT_HASHES_DIR = "input-hashes"
 # Files a run address may name instead of its folder (``nst report RUN/report.html``).
 RUN_FILES = (REPORT_FILE, SUMMARY_FILE, RESULTS_CSV, RESULTS_PARQUET)
 # What an item id (or a prefix of one) looks like: hex only, so it never names a path outside items/.
 ITEM_ID = re.compile(r"^[0-9a-f]{6,64}$")
+
+
+def input_hash_record(output_uri: str, key: str) -> str:
+    """``{output_uri}/input-hashes/{key[:2]}/{key}.json``: what is known of one version of one input
+    (``key`` names the URI, version and size; see :mod:`nst_run.inputs`)."""
+    return storage.join(output_uri, INPUT_HASHES_DIR, key[:2], f"{key}.json")
 
 
 def item_folder(output_uri: str, item_id: str) -> str:

@@ -2,10 +2,11 @@
 
 * :class:`Work`: a row to compute (its ``item_id``, input hashes, weights id, content size);
   :class:`Outcome`: what happened to a row (one line of the results table).
-* :func:`resolve_items`: hash each row's inputs (each distinct URI once), compute ``item_id``,
-  see whether the item is already done (``meta.json`` present: ``cached``).
-* :func:`plan_batches`: compatible items (same parameters and sizes) in batches; :func:`for_row`
-  the outcome of each row from the computation it shares.
+* :func:`resolve_items`: identify each row's inputs (each distinct URI once; :mod:`nst_run.inputs`),
+  compute ``item_id``, see whether the item is already done (``meta.json`` present: ``cached``).
+* :func:`plan_units`: compatible items (same parameters and sizes) in the units tasks compute;
+  :class:`ItemsInFlight` the rows waiting on each item; :func:`for_row` the outcome of each row
+  from the computation it shares.
 
 No Prefect and no torch here: ``nst validate`` resolves a manifest with these functions, and
 the tasks (``tasks.steps``) wrap them.
@@ -13,7 +14,7 @@ the tasks (``tasks.steps``) wrap them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,8 +22,8 @@ from typing import Any
 from nst_core import images, storage
 from nst_core.errors import NSTError
 from nst_core.params import StyleParams
-from nst_core.weights import WeightsSpec, sha256_file, weights_id
-from nst_run import items
+from nst_core.weights import WeightsSpec, weights_id
+from nst_run import inputs, items
 from nst_run.manifest import InvalidRow, RowSpec
 from nst_run.paths import ItemPaths
 
@@ -35,7 +36,6 @@ class Work:
     item_id: str
     input_sha256: dict[str, str]
     weights_id: str
-    weights_path: str | None = None
     content_size: tuple[int, int] | None = None  # (width, height) after EXIF orientation, read from the header
 
     def batch_key(self) -> tuple[object, ...]:
@@ -89,13 +89,16 @@ def outcome_for_row(row: RowSpec, status: str, **kwargs: Any) -> Outcome:
     return Outcome(row=row.row, id=row.id, status=status, content_uri=row.content_uri, style_uri=row.style_uri, meta=row.meta, **kwargs)
 
 
-def _weights_identity(weights: str) -> tuple[str, str | None]:
-    """(weights id, local path) of a weights spec without loading a network; files are fetched and hashed."""
+WEIGHTS_MAX_BYTES = 4 << 30  # a weights file larger than this is refused unread (VGG-19's is 548 MB)
+
+
+def _weights_identity(weights: str, output_uri: str) -> str:
+    """The weights id of a spec without loading a network: a file's is its sha256, learned the way an
+    input's is (:func:`nst_run.inputs.identify`: a re-run reads no file it already hashed)."""
     spec = WeightsSpec.parse(weights)
     if spec.kind != "file":
-        return weights_id(weights), None
-    local = str(storage.fetch_to_cache(weights))
-    return "sha256:" + sha256_file(local), local
+        return weights_id(weights)
+    return "sha256:" + inputs.identify(weights, WEIGHTS_MAX_BYTES, output_uri).sha256
 
 
 def _check_weights_sha256(params: StyleParams, weights_id: str) -> None:
@@ -106,59 +109,79 @@ def _check_weights_sha256(params: StyleParams, weights_id: str) -> None:
         raise NSTError(f"weights {storage.sanitize_uri(params.weights)}: sha256 is {digest}, expected {params.weights_sha256}")
 
 
-def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8) -> list[Work | Outcome]:
-    """Hash every row's inputs (each distinct URI once), compute item ids, detect finished items.
+def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8, owner: str = "") -> list[Work | Outcome]:
+    """Identify every row's inputs (each distinct URI once), compute item ids, detect finished items.
 
-    Returns, per row, a :class:`Work` to do or an :class:`Outcome` (``cached``,
-    or ``failed`` when an input cannot be read).
+    An input's sha256 comes from its record under ``output_uri`` when the object has not changed
+    since it was hashed, else from reading it once, streamed (:func:`nst_run.inputs.identify`).
+
+    Args:
+        rows: manifest rows.
+        output_uri: the run's output prefix (items, input records).
+        force: report no item as finished (they are all recomputed).
+        workers: inputs identified at once.
+        owner: the flow run resolving; an item that run itself finished (an earlier chunk's row
+            with the same item) is reported ``succeeded``, not ``cached``.
+
+    Returns:
+        Per row, a :class:`Work` to do or an :class:`Outcome` (``cached``, or ``failed`` when an
+        input cannot be read).
+
+    Raises:
+        StorageError: a transient storage error (the caller retries).
     """
     limits: dict[str, int] = {}  # per distinct input: the largest file a row using it accepts
     for row in rows:
         for uri in row.input_uris().values():
             limits[uri] = max(limits.get(uri, 0), images.max_file_bytes(row.params.max_pixels))
-    uris = sorted(limits)
 
-    def digest(uri: str) -> tuple[str, str | Exception, tuple[int, int] | None]:
+    def identify(uri: str) -> inputs.Identity | Exception:
         try:
-            data = storage.read_bytes(uri, max_bytes=limits[uri])
+            return inputs.identify(uri, limits[uri], output_uri)
         except storage.StorageError as exc:
             if exc.transient:
                 raise
-            return uri, exc, None
-        return uri, storage.sha256_bytes(data), images.header_size(data)
+            return exc
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = list(pool.map(digest, uris))
-    hashes = {uri: sha for uri, sha, _ in found}
-    sizes = {uri: size for uri, _, size in found}
-    weights: dict[str, tuple[str, str | None] | Exception] = {}
+        known = dict(zip(limits, pool.map(identify, limits), strict=True))
+    weights: dict[str, str | Exception] = {}
     resolved: list[Work | Outcome] = []
     for row in rows:
-        missing = [f"{role} {exc}" for role, uri in row.input_uris().items() if isinstance(exc := hashes[uri], Exception)]
+        missing = [f"{role} {error}" for role, uri in row.input_uris().items() if isinstance(error := known[uri], Exception)]
         if missing:
             resolved.append(outcome_for_row(row, "failed", error="; ".join(missing)))
             continue
         if row.params.weights not in weights:
             try:
-                weights[row.params.weights] = _weights_identity(row.params.weights)
+                weights[row.params.weights] = _weights_identity(row.params.weights, output_uri)
             except (storage.StorageError, NSTError) as exc:
+                if isinstance(exc, storage.StorageError) and exc.transient:
+                    raise
                 weights[row.params.weights] = exc
         ident = weights[row.params.weights]
         try:
             if isinstance(ident, Exception):
                 raise ident
-            _check_weights_sha256(row.params, ident[0])
+            _check_weights_sha256(row.params, ident)
         except (storage.StorageError, NSTError) as exc:
             resolved.append(outcome_for_row(row, "failed", error=str(exc)))
             continue
-        sha = {role: str(hashes[uri]) for role, uri in row.input_uris().items()}
-        work = Work(row, items.item_id(sha, row.params, ident[0]), sha, ident[0], ident[1], sizes[row.content_uri])
-        resolved.append(work)
+        found = {role: known[uri] for role, uri in row.input_uris().items()}
+        sha = {role: identity.sha256 for role, identity in found.items() if isinstance(identity, inputs.Identity)}
+        content = found["content"]
+        assert isinstance(content, inputs.Identity)
+        resolved.append(Work(row, items.item_id(sha, row.params, ident), sha, ident, content_size=content.content_size))
     todo = [w for w in resolved if isinstance(w, Work)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         metas = list(pool.map(lambda w: None if force else items.read_meta(item_paths(w, output_uri)), todo))
     done = {w.item_id: meta for w, meta in zip(todo, metas, strict=True) if meta is not None}
-    return [cached_outcome(r, output_uri, done[r.item_id]) if isinstance(r, Work) and r.item_id in done else r for r in resolved]
+
+    def finished(work: Work) -> Outcome:
+        meta = done[work.item_id]
+        return cached_outcome(work, output_uri, meta, status="succeeded" if owner and meta.get("run_owner") == owner else "cached")
+
+    return [finished(r) if isinstance(r, Work) and r.item_id in done else r for r in resolved]
 
 
 def item_paths(work: Work, output_uri: str) -> ItemPaths:
@@ -188,24 +211,60 @@ def chunks(seq: list[Any], size: int) -> list[list[Any]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
-def plan_batches(works: list[Work], batch_size: int, auto_size: Callable[[Work], int] = lambda work: 1) -> list[list[Work]]:
-    """Group compatible items (same parameters, same size at every stage) into batches of at most ``batch_size``.
+AUTO_MAX_ITEMS = 64  # the most items one task is given with automatic batching
+
+
+def plan_units(works: list[Work], batch_size: int, devices: int = 1) -> list[list[Work]]:
+    """Group compatible items (same parameters, same size at every stage) into the units one task computes.
 
     Args:
         works: distinct items (one per item id).
-        batch_size: the most items per batch; 0 picks one per group with ``auto_size``.
-        auto_size: a group's batch size from its first item (default 1: no batching). The flow
-            passes :func:`nst_run.execute.auto_batch_size`: 1 on a CPU-only machine, as batching
-            does not speed up a compute-bound CPU, else what the first GPU's free memory holds.
+        batch_size: items per optimisation. Given (> 0), a unit is one optimisation of that many.
+            0 (automatic): the worker sizes optimisations by its own device's memory
+            (:func:`nst_run.execute.optimisation_batches`), and a group here is cut into at least
+            ``devices`` units (at most :data:`AUTO_MAX_ITEMS` items each), so no free device waits
+            while another holds all the work.
+        devices: devices the task runner has (0 or 1: one). Pass ``len(works)`` for one item per
+            unit (a CPU: batching does not speed it up, and smaller units show progress sooner).
     """
     groups: dict[tuple[object, ...], list[Work]] = {}
     for work in works:
         groups.setdefault(work.batch_key(), []).append(work)
-    batches: list[list[Work]] = []
+    units: list[list[Work]] = []
     for group in groups.values():
-        size = batch_size or auto_size(group[0])
-        batches += chunks(group, max(1, size))
-    return batches
+        size = batch_size or min(AUTO_MAX_ITEMS, math.ceil(len(group) / max(1, devices)))
+        units += chunks(group, max(1, size))
+    return units
+
+
+class ItemsInFlight:
+    """The rows waiting on items this run is computing, so an item named by many rows (of any chunk)
+    is computed once and every one of its rows gets its outcome."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[Work]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, resolved: list[Work | Outcome]) -> tuple[list[Work], list[Outcome]]:
+        """A resolved chunk: (items to compute, one :class:`Work` each; outcomes known already).
+        A row whose item is already in flight joins it instead."""
+        new: list[Work] = []
+        known: list[Outcome] = []
+        for r in resolved:
+            if isinstance(r, Outcome):
+                known.append(r)
+            elif r.item_id in self._rows:
+                self._rows[r.item_id].append(r)
+            else:
+                self._rows[r.item_id] = [r]
+                new.append(r)
+        return new, known
+
+    def settle(self, computed: list[Outcome]) -> list[Outcome]:
+        """The outcomes of every row waiting on the ``computed`` items (which are no longer in flight)."""
+        return [for_row(done, work) for done in computed for work in self._rows.pop(done.item_id, [])]
 
 
 def for_row(done: Outcome, work: Work) -> Outcome:

@@ -1,7 +1,7 @@
 """The run's results table: one row per manifest row, written as items finish, and read back.
 
-``{output_uri}/runs/{run}/parts/results-NNNNN.csv`` is written after every
-chunk (a crash leaves the finished part); ``results.csv`` and
+``{output_uri}/runs/{run}/parts/results-NNNNN.csv`` is written as rows
+settle, a chunk's worth of rows per part (a crash leaves the parts written); ``results.csv`` and
 ``results.parquet`` are written complete at the end. Every write is retried
 while storage is unreachable, for up to ``patience_s``; a part that still
 cannot be written is skipped (the final tables hold every row).
@@ -85,12 +85,18 @@ def parquet_bytes(frame: pd.DataFrame) -> bytes:
 
 
 class ResultsWriter:
-    """Accumulates outcomes and stores them under ``{output_uri}/runs/{run}/``."""
+    """Accumulates outcomes and stores them under ``{output_uri}/runs/{run}/``.
 
-    def __init__(self, output_uri: str, run: str, patience_s: float = 300.0):
+    Rows are written as they come in parts of ``part_rows`` (``parts/results-NNNNN.csv``), so a run
+    that dies part way leaves what it settled; :meth:`finish` writes the whole table.
+    """
+
+    def __init__(self, output_uri: str, run: str, patience_s: float = 300.0, part_rows: int = 64):
         self.folder = paths.run_folder(output_uri, run)
         self.outcomes: list[Outcome] = []
         self.patience_s = patience_s
+        self.part_rows = max(1, part_rows)
+        self._unwritten: list[Outcome] = []
         self._parts = 0
 
     def _write(self, uri: str, data: bytes, content_type: str) -> None:
@@ -98,21 +104,29 @@ class ResultsWriter:
 
     def add(self, outcomes: list[Outcome]) -> None:
         self.outcomes.extend(outcomes)
-        if outcomes:
-            self._parts += 1
-            part = paths.results_part(self.folder, self._parts)
-            try:
-                self._write(part, csv_bytes(to_frame(outcomes)), "text/csv")
-            except storage.StorageError as exc:
-                if not exc.transient:
-                    raise
-                log.warning("results part %s not written (%s); the final results.csv will hold its rows", part, exc)
+        self._unwritten.extend(outcomes)
+        if len(self._unwritten) >= self.part_rows:
+            self._write_part()
+
+    def _write_part(self) -> None:
+        if not self._unwritten:
+            return
+        rows, self._unwritten = self._unwritten, []
+        self._parts += 1
+        part = paths.results_part(self.folder, self._parts)
+        try:
+            self._write(part, csv_bytes(to_frame(rows)), "text/csv")
+        except storage.StorageError as exc:
+            if not exc.transient:
+                raise
+            log.warning("results part %s not written (%s); the final results.csv will hold its rows", part, exc)
 
     def counts(self) -> dict[str, int]:
         found = Counter(o.status for o in self.outcomes)
         return {status: found.get(status, 0) for status in STATUSES}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, str]:
+        self._write_part()
         frame = to_frame(self.outcomes)
         locations = {
             "results_csv": paths.run_file(self.folder, paths.RESULTS_CSV),

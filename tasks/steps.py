@@ -2,7 +2,9 @@
 
 * :func:`read_manifest`: :func:`nst_run.manifest.load_manifest`.
 * :func:`resolve_items`: :func:`nst_run.planning.resolve_items` (``item_id`` per row, ``cached`` ones found).
-* :func:`stylize_items` (tag ``gpu``): :func:`nst_run.execute.stylize_items` (lease, compute, store a batch).
+* :func:`stylize_items`: :func:`nst_run.execute.stylize_items` (lease, fetch, compute, store a unit of
+  items), holding the global concurrency limit ``gpu`` (when the server has one) around each
+  optimisation only.
 * :func:`build_run_report`: :func:`nst_run.report.build_report`, so the report's state, duration and
   retries show in the UI.
 
@@ -13,10 +15,12 @@ functions.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from nst_core import storage
 from nst_core.params import StyleParams
@@ -48,11 +52,11 @@ def read_manifest(manifest_uri: str, defaults: StyleParams, allow_local_paths: b
 
 
 @task(name="resolve-items", task_run_name=resolve_run_name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)  # type: ignore[arg-type]  # see NAMED above
-def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8) -> list[Work | Outcome]:
-    return planning.resolve_items(rows, output_uri, force, workers)
+def resolve_items(rows: list[RowSpec], output_uri: str, force: bool, workers: int = 8, owner: str = "") -> list[Work | Outcome]:
+    return planning.resolve_items(rows, output_uri, force, workers, owner)
 
 
-@task(name="stylize-items", task_run_name=stylize_run_name, tags=["gpu"], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)  # type: ignore[arg-type]  # see NAMED above
+@task(name="stylize-items", task_run_name=stylize_run_name, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)  # type: ignore[arg-type]  # see NAMED above
 def stylize_items(
     works: list[Work],
     output_uri: str,
@@ -61,8 +65,34 @@ def stylize_items(
     lease_ttl_s: float = DEFAULT_TTL_S,
     lease_wait_s: float = 600.0,
     force: bool = False,
+    batch_size: int = 0,
+    store_retry_delays: list[float] | None = None,
+    device_limit: str | None = None,
 ) -> list[Outcome]:
-    return execute.stylize_items(works, output_uri, time_limit_s, owner, lease_ttl_s, lease_wait_s, force, logger=get_run_logger())
+    """Compute ``works`` where this task runs; ``device_limit``: a Prefect global concurrency limit held
+    around each optimisation only (not around fetches, uploads or lease waits)."""
+    options = execute.RunOptions(batch_size, tuple(store_retry_delays or ()), _slot(device_limit))
+    return execute.stylize_items(works, output_uri, time_limit_s, owner, lease_ttl_s, lease_wait_s, force, logger=get_run_logger(), options=options)
+
+
+def _slot(limit: str | None) -> execute.DeviceSlot:
+    if not limit:
+        return contextlib.nullcontext
+    return lambda: concurrency(limit, occupy=1, strict=True)
+
+
+def device_limit_exists(name: str) -> bool:
+    """Whether the Prefect server has a global concurrency limit ``name`` (created by
+    ``prefect gcl create NAME --limit N``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
 
 
 @task(name="build-report", task_run_name=report_run_name, cache_policy=NO_CACHE)  # type: ignore[arg-type]  # see NAMED above

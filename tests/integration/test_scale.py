@@ -96,20 +96,29 @@ def test_compatible_items_share_a_batch_and_match_alone(prefect_server, sample_i
         assert lb == pytest.approx(la, rel=0.02)
 
 
-def test_chunking_bounds_tasks_in_flight(prefect_server, sample_images, tmp_path):
+def test_no_chunk_waits_for_a_slower_one(prefect_server, sample_images, tmp_path):
+    """A slow item in the first chunk does not hold up later chunks (old code: each chunk waited for
+    its slowest batch), and the results parts hold every row once."""
     from flows.stylize_manifest import stylize_manifest
-    from nst_run.planning import plan_batches
 
-    assert plan_batches([], 4) == []
-    manifest = write_manifest(tmp_path / "m.csv", sample_images, rows=5)
+    path = Path(write_manifest(tmp_path / "m.csv", sample_images, rows=6))
+    lines = path.read_text().splitlines()
+    lines[0] += ",iterations,tolerance"
+    lines[1:] = [line + (",300,0" if i == 0 else ",1,0") for i, line in enumerate(lines[1:])]
+    path.write_text("\n".join(lines) + "\n")
     state = stylize_manifest(
-        manifest_uri=manifest, output_uri=str(tmp_path / "o"), defaults=TINY.with_overrides(iterations=1),
+        manifest_uri=str(path), output_uri=str(tmp_path / "o"), defaults=TINY,
         allow_local_paths=True, chunk_size=2, batch_size=1, return_state=True,
     )  # fmt: skip
     summary = state.result()
+    assert summary["counts"]["succeeded"] == 6
+    runs = [r for r in asyncio.run(_task_runs(state.state_details.flow_run_id)) if r.name.startswith("stylize row")]
+    slow = next(r for r in runs if r.name.startswith("stylize row 1:"))
+    later = [r for r in runs if r.name.startswith(("stylize row 5:", "stylize row 6:"))]  # the third chunk's
+    assert len(later) == 2 and all(r.start_time < slow.end_time for r in later), [(r.name, r.start_time, r.end_time) for r in runs]
     parts = [u for u in storage.list_prefix(summary["run_folder"]) if "/parts/" in u]
-    assert len(parts) == 3  # 2 + 2 + 1 rows: results written after every chunk
-    assert summary["counts"]["succeeded"] == 5
+    rows = [row for part in parts for row in pd.read_csv(io.BytesIO(storage.read_bytes(part)))["row"]]
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]  # written as they settled, a chunk's worth (2) per part
 
 
 def test_device_work_runs_on_the_devices_own_thread():
