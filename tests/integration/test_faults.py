@@ -348,3 +348,54 @@ def test_an_out_of_memory_batch_is_halved_once_then_the_item_fails_alone(prefect
     assert rows["r1"]["status"] == "failed" and rows["r1"]["error"] == "out_of_memory"
     assert [rows[i]["status"] for i in ("r0", "r2", "r3")] == ["succeeded"] * 3
     assert state.is_failed()
+
+
+def test_an_upload_blip_is_retried_in_place_and_the_engine_runs_once(s3_samples, s3_server, monkeypatch):
+    """S3 goes away right after the optimisation: the item's writes wait for it in place (old code: the
+    task failed, Prefect retried it, and the optimisation ran again)."""
+    import nst_run.execute as execute
+
+    bucket, uris = s3_samples
+    manifest, output = _manifest(bucket, uris, [QUICK]), f"s3://{bucket}/out"
+    runs: list[int] = []
+    real = execute._optimise_and_judge
+
+    def optimise_then_lose_storage(*args):  # the real engine; storage drops out as it returns
+        results = real(*args)
+        runs.append(len(results))
+        s3_server.stop()
+        threading.Timer(3.0, s3_server.start).start()
+        return results
+
+    monkeypatch.setattr(execute, "_optimise_and_judge", optimise_then_lose_storage)
+    state, summary = _run(manifest, output, retries=5, retry_delay_s=1.0)  # 1, 2, 4, 8, 16 s in place
+    assert state.is_completed(), state.message
+    assert summary["counts"]["succeeded"] == 1
+    assert runs == [1]  # one optimisation, not one per task attempt
+    assert len(_assert_no_item_done_without_its_files(output)) == 1
+
+
+def test_a_rerun_reads_no_input_it_already_hashed_and_a_changed_one_is_hashed_again(s3_samples, monkeypatch):
+    """Inputs are identified by their record (URI, version, size) under the output prefix: a second
+    resolve reads no image; a rewritten object has a new ETag, so it is hashed again, never taken for the old."""
+    from nst_core.params import StyleParams
+    from nst_run import planning
+    from nst_run.manifest import load_manifest
+
+    bucket, uris = s3_samples
+    manifest, output = _manifest(bucket, uris, [QUICK, QUICK]), f"s3://{bucket}/out"
+    rows = load_manifest(manifest, defaults=StyleParams(size=40, weights="random:0")).rows
+    hashed: list[str] = []
+    real = storage.sha256_stream
+    monkeypatch.setattr(storage, "sha256_stream", lambda uri, *a, **k: hashed.append(str(uri)) or real(uri, *a, **k))
+    first = planning.resolve_items(rows, output, force=False)
+    assert sorted(hashed) == sorted({*rows[0].input_uris().values(), *rows[1].input_uris().values()})  # each once
+    hashed.clear()
+    again = planning.resolve_items(rows, output, force=False)
+    assert hashed == [] and [w.item_id for w in again] == [w.item_id for w in first]
+    assert [w.content_size for w in again] == [w.content_size for w in first] != [None, None]
+    storage.write_bytes(uris["tubingen.jpg"], storage.read_bytes(uris["shipwreck.jpg"]), "image/jpeg")
+    changed = planning.resolve_items(rows, output, force=False)
+    assert hashed == [uris["tubingen.jpg"]]
+    assert changed[0].input_sha256["content"] == storage.sha256_bytes(storage.read_bytes(uris["shipwreck.jpg"]))
+    assert changed[0].item_id != first[0].item_id and changed[1].item_id == first[1].item_id
