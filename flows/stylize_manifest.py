@@ -37,7 +37,7 @@ from nst_run import paths
 from nst_run.execute import DEVICES, release_failed_leases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
-from nst_run.planning import ItemsInFlight, Outcome, Work, chunks, outcome_for_invalid, outcome_for_row, plan_units
+from nst_run.planning import DispatchPace, ItemsInFlight, Outcome, Work, chunks, outcome_for_invalid, outcome_for_row, plan_units
 from nst_run.results import ResultsWriter, run_name
 from tasks.steps import build_run_report, device_limit_exists, read_manifest, resolve_items, stylize_items
 
@@ -101,8 +101,11 @@ class Capacity:
 
     @property
     def window(self) -> int:
-        """Task runs kept in flight: twice what runs at once, so a device that finishes finds the next one queued."""
-        return 2 * self.tasks
+        """Task runs kept in flight: what runs at once (on dask two per device: one optimising, one
+        fetching or storing) plus one queued per device, to cover the flow's reaction time. No more:
+        a unit queued on a worker is bound to it, and with long-tailed item times early binding
+        leaves some devices idle while others still hold a queue."""
+        return self.tasks + self.devices
 
     def describe(self) -> str:
         return f"{self.where}: {self.devices} device(s), {self.tasks} task(s) at once, up to {self.window} in flight"
@@ -271,31 +274,40 @@ def stylize_manifest(
     if device_limit:
         logger.info("each optimisation holds a slot of the global concurrency limit %r", device_limit)
     window = SlidingWindow(capacity.window)
+    pace = DispatchPace()  # units grow when the flow's cost per unit would leave devices waiting
     flight = ItemsInFlight()
     units: collections.deque[list[Work]] = collections.deque()
     pending_chunks = iter(chunks(manifest.rows, chunk_size))
     resolving: collections.deque[Any] = collections.deque()  # resolve futures, oldest first
     random_weights = False
+    own_s = 0.0  # the loop's own time since the last unit was collected (submitting)
+    unit_floor = 1
     while True:
         while len(resolving) < RESOLVE_AHEAD and (chunk := next(pending_chunks, None)) is not None:
             resolving.append(resolve.submit(chunk, output_uri, force, owner=owner))  # resolving overlaps computing
         while units and window.has_room():
-            unit = units.popleft()
+            unit, submitting = units.popleft(), time.perf_counter()
             with _gpu_annotation():
                 window.add(stylize.submit(
                     unit, output_uri, item_timeout_s, owner, lease_ttl_s, lease_wait_s, force,
                     batch_size=batch_size, store_retry_delays=delays, device_limit=device_limit,
                 ), unit)  # fmt: skip
+            own_s += time.perf_counter() - submitting
         if not window and not resolving:
             break
         # A new chunk is taken in only while few units wait: what is planned but not submitted stays bounded.
         wanted = resolving[0] if resolving and len(units) < capacity.window else None
         finished, unit = window.next_done(also=wanted)
+        collecting = time.perf_counter()
         if finished is wanted:
             resolved = resolving.popleft().result()  # a resolve that failed for good fails the run, as before
             new, known = flight.add(resolved)
             random_weights = random_weights or any(o.weights_id.startswith("random:") for o in known)
-            units.extend(plan_units(new, batch_size, len(new) if capacity.cpu_only else capacity.devices))
+            devices = len(new) if capacity.cpu_only else capacity.devices
+            if (min_items := pace.min_items(capacity.devices)) != unit_floor:
+                unit_floor = min_items
+                logger.info("units of at least %d item(s): %.2f s of the flow's time per unit, %.2f s per item", min_items, pace.cost_s, pace.item_s)
+            units.extend(plan_units(new, batch_size, devices, min_items))
             settle(known)  # cached rows and inputs that could not be read
             continue
         try:
@@ -306,6 +318,10 @@ def stylize_manifest(
         release_failed_leases(computed, output_uri, owner, storage_patience_s, logger)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)
         settle(flight.settle(computed))
+        for outcome in computed:
+            pace.item_time(outcome.duration_s)
+        pace.unit_cost(own_s + time.perf_counter() - collecting)
+        own_s = 0.0
     counts = writer.counts()
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     summary: dict[str, Any] = {

@@ -214,27 +214,63 @@ def chunks(seq: list[Any], size: int) -> list[list[Any]]:
 AUTO_MAX_ITEMS = 64  # the most items one task is given with automatic batching
 
 
-def plan_units(works: list[Work], batch_size: int, devices: int = 1) -> list[list[Work]]:
+def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: int = 1) -> list[list[Work]]:
     """Group compatible items (same parameters, same size at every stage) into the units one task computes.
 
     Args:
         works: distinct items (one per item id).
-        batch_size: items per optimisation. Given (> 0), a unit is one optimisation of that many.
+        batch_size: items per optimisation. Given (> 0), a unit holds whole optimisations of that many.
             0 (automatic): the worker sizes optimisations by its own device's memory
             (:func:`nst_run.execute.optimisation_batches`), and a group here is cut into at least
             ``devices`` units (at most :data:`AUTO_MAX_ITEMS` items each), so no free device waits
             while another holds all the work.
         devices: devices the task runner has (0 or 1: one). Pass ``len(works)`` for one item per
             unit (a CPU: batching does not speed it up, and smaller units show progress sooner).
+        min_items: the fewest items a unit may hold so the flow can dispatch fast enough
+            (:meth:`DispatchPace.min_items`); never more than :data:`AUTO_MAX_ITEMS` with automatic batching.
     """
     groups: dict[tuple[object, ...], list[Work]] = {}
     for work in works:
         groups.setdefault(work.batch_key(), []).append(work)
     units: list[list[Work]] = []
     for group in groups.values():
-        size = batch_size or min(AUTO_MAX_ITEMS, math.ceil(len(group) / max(1, devices)))
+        if batch_size:
+            size = batch_size * max(1, math.ceil(min_items / batch_size))
+        else:
+            size = min(AUTO_MAX_ITEMS, max(min_items, math.ceil(len(group) / max(1, devices))))
         units += chunks(group, max(1, size))
     return units
+
+
+@dataclass
+class DispatchPace:
+    """How big units must be for the flow to keep every device fed.
+
+    The flow spends ``cost_s`` of its own time per unit (submitting it and collecting its outcome:
+    with a dask runner, mostly Prefect's serialisation of the task run), and each item keeps a device
+    busy ``item_s``. ``D`` devices finish ``D / item_s`` items a second, and the flow starts at most
+    ``n / cost_s`` items a second with units of ``n``; so units need ``n >= D * cost_s / item_s``.
+    :meth:`min_items` asks for twice that (headroom for slow moments). Both figures are running
+    averages (weight :data:`PACE_WEIGHT` on the newest) of what the run measured.
+    """
+
+    cost_s: float = 0.0
+    item_s: float = 0.0
+
+    def unit_cost(self, seconds: float) -> None:
+        self.cost_s = seconds if not self.cost_s else (1 - PACE_WEIGHT) * self.cost_s + PACE_WEIGHT * seconds
+
+    def item_time(self, seconds: float) -> None:
+        if seconds > 0:
+            self.item_s = seconds if not self.item_s else (1 - PACE_WEIGHT) * self.item_s + PACE_WEIGHT * seconds
+
+    def min_items(self, devices: int) -> int:
+        if not self.cost_s or not self.item_s:
+            return 1
+        return max(1, min(AUTO_MAX_ITEMS, math.ceil(2 * devices * self.cost_s / self.item_s)))
+
+
+PACE_WEIGHT = 0.2
 
 
 class ItemsInFlight:
