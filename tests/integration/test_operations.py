@@ -394,3 +394,45 @@ def test_the_worker_hook_leaves_deployment_runs_to_the_server_by_default(webhook
     monkeypatch.setenv("NST_FAILURE_WEBHOOK_SCOPE", "all")
     notify_failure(flow, by_deployment, state)
     assert webhook.wait_for(lambda r: f"dep-{tag}" in r["body"], timeout=30)
+
+
+def test_a_gpu_limit_is_held_around_each_optimisation_only(prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a global concurrency limit named like ``NST_GPU_LIMIT`` on the server, each optimisation holds
+    one slot, acquired after the task's lease and fetches and released before its uploads end (old code:
+    a ``gpu`` *tag* limit held for the whole task run, lease waits included)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    import flows.stylize_manifest as module
+    from nst_core.params import StyleParams
+
+    name = f"nst-test-gpu-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        limit_id = client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    monkeypatch.setattr(module, "DEVICE_LIMIT", name)
+    state = module.stylize_manifest(manifest_uri=str(REPO / "manifests" / "samples.csv"), output_uri=str(tmp_path / "out"),
+                                    allow_local_paths=True, defaults=StyleParams(size=32, iterations=3, weights="random:0"),
+                                    batch_size=1, return_state=True, **RETRY)  # fmt: skip
+    assert state.is_completed(), state.message
+    rows = len(state.result()["counts"]) and sum(state.result()["counts"].values())
+    wanted = EventFilter(event=EventNameFilter(prefix=["prefect.concurrency-limit."]),
+                         resource=EventResourceFilter(id=[f"prefect.concurrency-limit.{limit_id}"]))  # fmt: skip
+    deadline = time.monotonic() + 60  # the server persists events in the background
+    with get_client(sync_client=True) as client:
+        while True:
+            events = client.read_events(filter=wanted, limit=50).events
+            if sum(e.event.endswith(".released") for e in events) >= rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        tasks = [t for t in _task_runs(state.state_details.flow_run_id) if t.name.startswith("stylize ")]
+    acquired = sorted(e.occurred for e in events if e.event.endswith(".acquired"))
+    released = sorted(e.occurred for e in events if e.event.endswith(".released"))
+    assert len(acquired) == len(released) == rows == len(tasks)  # one slot per optimisation (one item each)
+    assert all("gpu" not in t.tags for t in tasks)  # no tag limit holds the whole task
+    held = sum((r - a).total_seconds() for a, r in zip(acquired, released, strict=True))  # limit 1: the holds do not overlap
+    ran = sum((t.end_time - t.start_time).total_seconds() for t in tasks)
+    assert 0 < held < ran
+    assert min(acquired) > min(t.start_time for t in tasks) and max(released) < max(t.end_time for t in tasks)

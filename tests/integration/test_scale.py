@@ -140,3 +140,20 @@ def test_device_work_runs_on_the_devices_own_thread():
     assert names == {"nst-cpu_0"}
     with pool.acquire("cpu") as device, pytest.raises(ZeroDivisionError):
         pool.run(device, lambda: 1 / 0)
+
+
+def test_an_item_named_by_rows_of_two_chunks_is_computed_once_and_both_rows_succeed(prefect_server, sample_images, tmp_path):
+    """Two rows asking for the same picture, in different chunks: one computation, and the second row is
+    reported ``succeeded`` by this run (old code: ``cached``, as if an earlier run had made it)."""
+    from flows.stylize_manifest import stylize_manifest
+
+    path = Path(write_manifest(tmp_path / "m.csv", sample_images, rows=1))
+    first = path.read_text().splitlines()[1]
+    path.write_text(path.read_text() + first.replace("r0,", "again,", 1) + "\n")
+    summary = stylize_manifest(
+        manifest_uri=str(path), output_uri=str(tmp_path / "o"), defaults=TINY,
+        allow_local_paths=True, chunk_size=1, return_state=True,
+    ).result()  # fmt: skip
+    results = read_results(summary)
+    assert list(results["status"]) == ["succeeded", "succeeded"], results[["id", "status"]]
+    assert results["item_id"].nunique() == 1

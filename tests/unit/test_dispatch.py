@@ -1,0 +1,49 @@
+"""How the flow cuts work into task units and how big they must be (pure functions of nst_run.planning)."""
+
+from __future__ import annotations
+
+from nst_core.params import StyleParams
+from nst_run.manifest import RowSpec
+from nst_run.planning import AUTO_MAX_ITEMS, DispatchPace, ItemsInFlight, Outcome, Work, plan_units
+
+
+def _work(i: int, item: str | None = None, size: tuple[int, int] = (400, 300)) -> Work:
+    row = RowSpec(row=i, id=f"r{i}", content_uri="c.jpg", style_uri="s.jpg", params=StyleParams(size=64, weights="random:0"))
+    return Work(row, item or f"{i:064x}", {"content": "a", "style": "b"}, "random:0", content_size=size)
+
+
+def test_automatic_units_give_every_device_work_and_respect_the_dispatch_floor() -> None:
+    works = [_work(i) for i in range(64)]
+    assert [len(u) for u in plan_units(works, 0, devices=8)] == [8] * 8  # not one unit of 64 for one device
+    assert [len(u) for u in plan_units(works, 0, devices=1)] == [64]  # one GPU: the worker sizes its batches
+    assert [len(u) for u in plan_units(works, 0, devices=64)] == [1] * 64
+    assert [len(u) for u in plan_units(works, 0, devices=64, min_items=16)] == [16] * 4
+    assert [len(u) for u in plan_units(works * 2, 0, devices=1, min_items=500)] == [AUTO_MAX_ITEMS, AUTO_MAX_ITEMS]
+    assert [len(u) for u in plan_units(works[:6], 4, devices=8, min_items=5)] == [6]  # whole optimisations of 4: two
+    mixed = [_work(0), _work(1, size=(300, 400)), _work(2)]
+    assert sorted(len(u) for u in plan_units(mixed, 0, devices=1)) == [1, 2]  # other shapes never share a unit
+
+
+def test_units_grow_when_the_flows_cost_per_unit_would_leave_devices_waiting() -> None:
+    pace = DispatchPace()
+    assert pace.min_items(64) == 1  # nothing measured yet
+    pace.unit_cost(0.25)
+    pace.item_time(1.0)
+    assert pace.min_items(64) == 32  # 64 devices x 0.25 s per unit / 1 s per item, twice over
+    assert pace.min_items(1) == 1
+    for _ in range(50):
+        pace.item_time(100.0)  # long items: one per unit keeps up
+    assert pace.min_items(64) == 1
+
+
+def test_rows_of_an_item_in_flight_join_it_and_all_get_its_outcome() -> None:
+    flight = ItemsInFlight()
+    new, known = flight.add([_work(1, "a" * 64), _work(2, "b" * 64)])
+    assert [w.row.row for w in new] == [1, 2] and known == []
+    cached = Outcome(row=4, id="r4", status="cached", item_id="c" * 64)
+    new, known = flight.add([_work(3, "a" * 64), cached])  # row 3 of a later chunk asks for item a
+    assert new == [] and known == [cached]
+    done = Outcome(row=1, id="r1", status="succeeded", item_id="a" * 64, iterations=7)
+    settled = flight.settle([done])
+    assert [(o.row, o.status, o.iterations) for o in settled] == [(1, "succeeded", 7), (3, "succeeded", 7)]
+    assert len(flight) == 1 and flight.settle([done]) == []
