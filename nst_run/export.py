@@ -49,10 +49,13 @@ Every style of a blend and every style mask is recorded: ``style_uris``,
 1, as the engine used them), ``mask_uris`` and ``mask_sha256s`` (empty
 without masks); ``style_uri`` and ``style_sha256`` name the first style.
 
-Hugging Face's image-folder loader refuses a folder with metadata files of two
-formats, so the card's YAML ``configs`` names the data files (``metadata.jsonl``
-and ``images/*/*``, or the shards): ``datasets.load_dataset(dest)`` reads
-either form (as does the Hub), and ``pandas.read_parquet(dest +
+The card's YAML ``configs`` names the data files: ``metadata.parquet`` and
+``images/*/*``, or the shards. ``datasets.load_dataset(dest)`` reads either
+form (as does the Hub) to the same columns and types, those of one Arrow
+schema inferred from every row: the image-folder loader refuses two metadata
+formats at once, and from ``metadata.jsonl`` it would infer the types from its
+first 10 MB alone and read ISO times as naive timestamps. ``metadata.jsonl``
+is for people and other tools; ``pandas.read_parquet(dest +
 "/metadata.parquet")`` gives the table. The shards' Arrow schema carries the
 ``datasets`` feature ``Image`` for the ``image`` column, so it loads decoded.
 
@@ -267,9 +270,8 @@ def export_dataset(
     result = ExportResult(dest=storage.sanitize_uri(dest), form=form, runs=[r.shown_uri for r in runs])
     previous = _check_ours(dest, form)
     records, sources = _collect(runs, only, workers, result)
-    rows = list(records.values())
-    columns = _columns(rows)
-    rows = [{c: r.get(c) for c in columns} for r in rows]
+    columns = _columns(list(records.values()))
+    rows = [_in_columns(records.pop(item), columns) for item in list(records)]  # one copy of the metadata at a time
     table = _metadata_table(rows)
     record = _Record(dest, form, previous)
 
@@ -296,7 +298,8 @@ def export_dataset(
     for name in flat_copies:
         storage.delete(storage.join(dest, IMAGES_DIR, name))
     result.migrated = len(flat_copies)
-    result.stale += _delete_unlisted_shards(dest, previous, set(result.shards), record)
+    deleted = _delete_unlisted_shards(dest, previous, set(result.shards), record)
+    result.stale = sorted(set(result.stale) - deleted)
     record.write()
     result.files = {key: storage.sanitize_uri(storage.join(dest, name)) for key, name in
                     (("metadata_jsonl", METADATA_JSONL), ("metadata_parquet", METADATA_PARQUET), ("card", CARD)) if name in contents}  # fmt: skip
@@ -354,6 +357,7 @@ def _collect(runs: list[Run], only: str | None, workers: int, result: ExportResu
             folder = run.item_folder(item)
             assert folder is not None
             records[item] = _record(run, row, meta, image_file_name(str(row.get("id")), item, ext), decisions)
+            del metas[item]  # the record is what stays
             sources[item] = storage.join(folder, image)
     return records, sources
 
@@ -506,26 +510,24 @@ def _write_shards(
     result.stale = sorted(f"{DATA_DIR}/{n}" for n in present - listed)
 
 
-def _delete_unlisted_shards(dest: str, previous: _Previous, listed: set[str], record: _Record) -> list[str]:
+def _delete_unlisted_shards(dest: str, previous: _Previous, listed: set[str], record: _Record) -> set[str]:
     """Delete the shards an earlier export recorded and the new card no longer lists, when their bytes are the recorded ones.
 
-    Returns the names of those kept because their bytes differ (someone's edit: reported, not deleted).
+    One whose bytes differ (someone's edit) is kept, no longer vouched for, and so reported as stale. Returns the names deleted.
     """
-    kept: list[str] = []
+    deleted: set[str] = set()
     for name, digest in sorted(previous.shards.items()):
         if name in listed:
             continue
         uri = storage.join(dest, name)
         try:
-            ours = storage.sha256_bytes(storage.read_bytes(uri)) == digest
+            if storage.sha256_bytes(storage.read_bytes(uri)) == digest:
+                storage.delete(uri)
+                deleted.add(name)
         except storage.ObjectNotFound:
-            ours = False
-        if ours:
-            storage.delete(uri)
-        elif storage.exists(uri):
-            kept.append(name)
+            deleted.add(name)
         record.shards.pop(name, None)
-    return sorted(set(kept))
+    return deleted
 
 
 # --------------------------------------------------------------------------- what an export wrote
@@ -598,6 +600,11 @@ def _check_ours(dest: str, form: str) -> _Previous:
 def _mapping(value: Any) -> dict[str, Any]:
     """``value`` when it is a JSON object, else an empty one (a record someone mangled vouches for nothing)."""
     return value if isinstance(value, dict) else {}
+
+
+def _in_columns(record: dict[str, Any], columns: list[str]) -> dict[str, Any]:
+    """``record`` with every column, in the table's order (None where it has none)."""
+    return {c: record.get(c) for c in columns}
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -728,8 +735,8 @@ def dataset_card(rows: list[dict[str, Any]], runs: list[Run], only: str | None, 
 
 
 def _data_files(form: str, shards: list[str]) -> list[str]:
-    """What the card's ``configs`` name: the metadata and shard folders' images, or each shard (never a stale one)."""
-    return [METADATA_JSONL, f"{IMAGES_DIR}/*/*"] if form == "imagefolder" else list(shards)
+    """What the card's ``configs`` name: the metadata table and the images in their folders, or each shard (never a stale one)."""
+    return [METADATA_PARQUET, f"{IMAGES_DIR}/*/*"] if form == "imagefolder" else list(shards)
 
 
 def _layout(form: str, n_shards: int) -> list[str]:
@@ -738,7 +745,7 @@ def _layout(form: str, n_shards: int) -> list[str]:
         files = [f"{IMAGES_DIR}/<item id[:2]>/<id>-<item id[:12]>.<ext>   one file per distinct item (content-addressed), 256 folders",
                  f"{METADATA_JSONL}    one line per image: file_name and every field below",
                  f"{METADATA_PARQUET}  the same table, one row per image"]  # fmt: skip
-        how = "the YAML above selects metadata.jsonl + images/*/*"
+        how = "the YAML above selects metadata.parquet + images/*/*"
     else:
         files = [f"{DATA_DIR}/train-<k>-<sha256>.parquet   {n_shards} shard(s): column `image` (bytes + path) and every field below",
                  f"{METADATA_PARQUET}  the table without the images, one row per image"]  # fmt: skip

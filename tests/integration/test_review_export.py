@@ -170,7 +170,7 @@ def test_export_round_trip_only_kept(two_runs, out, tmp_path, capsys):
     assert len(table) == 2 and table["file_name"].is_unique and sorted(table["id"]) == sorted(by_id)
     assert list(table.columns) == list(lines[0].keys())
     card = (dest / "README.md").read_text(encoding="utf-8")
-    assert "configs:" in card and "- metadata.jsonl" in card and "- images/*/*" in card and "untrained random VGG-19 weights" in card
+    assert "configs:" in card and "- metadata.parquet" in card and "- images/*/*" in card and "untrained random VGG-19 weights" in card
     assert "CC-BY 4.0" in card and "meta_licence" in card and "<b>" not in card
 
     # Without --only every finished item is there, with its verdict.
