@@ -124,6 +124,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="RUN_URI... DEST", help="one or more run folders, then the destination folder or s3:// prefix")
     p.add_argument("--only", choices=("kept",), help="only items every reviewer kept")
     p.add_argument("--format", choices=("imagefolder", "parquet"), default="imagefolder",
-                   help="imagefolder (default): images/ + metadata.jsonl; parquet: shards with the images in them (large exports, past ~100k images)")  # fmt: skip
+                   help="imagefolder (default): images/<item id[:2]>/ + metadata; parquet: shards with the images in them (large exports, past ~100k images)")  # fmt: skip
     p.add_argument("--max-shard-mb", type=float, metavar="MB", help="parquet: image megabytes per shard (default 500, as datasets writes)")
     p.set_defaults(func=cmd_export)

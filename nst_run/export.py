@@ -103,6 +103,7 @@ MIB = 1 << 20
 DEFAULT_SHARD_BYTES = 500 * MIB  # what datasets writes (its MAX_SHARD_SIZE, "500MB")
 ROW_GROUP_ROWS = 100  # a row group is what a reader (the Hub's viewer) holds at once: ~100 images
 ROW_GROUP_BYTES = 100 * MIB  # datasets' MAX_ROW_GROUP_SIZE
+META_BATCH_ROWS = 1_000  # rows whose meta.json are read (in parallel) and held at once
 IMAGE_COLUMN = "image"
 # The datasets feature of the image column, in the Arrow schema's "huggingface" metadata (as datasets writes it).
 _HF_FEATURES = {"info": {"features": {IMAGE_COLUMN: {"_type": "Image"}}}}
@@ -320,7 +321,6 @@ def _collect(runs: list[Run], only: str | None, workers: int, result: ExportResu
         done = run.done_rows()
         done_rows = {id(r) for r in done}
         result.skipped.update(f"status {r.get('status')}" for r in run.rows if id(r) not in done_rows)
-        fresh = sorted({str(r["item_id"]) for r in done} - set(records))
 
         def read_meta(item: str, run: Run = run) -> tuple[str, dict[str, Any] | None]:
             folder = run.item_folder(item)
@@ -333,33 +333,43 @@ def _collect(runs: list[Run], only: str | None, workers: int, result: ExportResu
             return item, meta if isinstance(meta, dict) else None
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            metas = dict(pool.map(read_meta, fresh))
-        for row in done:
-            item = str(row["item_id"])
-            if item in records:
-                source = {"run": run.name, "row": row.get("row"), "id": str(row.get("id"))}
-                if source not in records[item]["sources"]:
-                    records[item]["sources"].append(source)
-                continue
-            meta = metas.get(item)
-            if meta is None:
-                result.skipped["item files missing"] += 1
-                continue
-            decisions = all_decisions.get(item, [])
-            if only == "kept" and verdict(decisions) != "kept":
-                result.skipped[f"not kept ({verdict(decisions)})"] += 1
-                continue
-            image = str((meta.get("outputs") or {}).get("image") or paths.image_name())
-            ext = image.rsplit(".", 1)[-1].lower()
-            if "/" in image or ext not in _CONTENT_TYPES:
-                result.skipped["unexpected output file name"] += 1
-                continue
-            folder = run.item_folder(item)
-            assert folder is not None
-            records[item] = _record(run, row, meta, image_file_name(str(row.get("id")), item, ext), decisions)
-            del metas[item]  # the record is what stays
-            sources[item] = storage.join(folder, image)
+            # meta.json read a batch of rows at a time: only the records (a few KB an item) stay for the whole export.
+            for start in range(0, len(done), META_BATCH_ROWS):
+                batch = done[start : start + META_BATCH_ROWS]
+                metas = dict(pool.map(read_meta, sorted({i for r in batch if (i := str(r["item_id"])) not in records})))
+                for row in batch:
+                    _add_row(run, row, metas, records, sources, all_decisions, only, result)
     return records, sources
+
+
+def _add_row(
+    run: Run, row: dict[str, Any], metas: dict[str, dict[str, Any] | None], records: dict[str, dict[str, Any]], sources: dict[str, str],
+    all_decisions: dict[str, list[Decision]], only: str | None, result: ExportResult,
+) -> None:  # fmt: skip
+    """Add a done row: a new record for its item, or a source of the item's record; a skip counted in ``result``."""
+    item = str(row["item_id"])
+    if item in records:
+        source = {"run": run.name, "row": row.get("row"), "id": str(row.get("id"))}
+        if source not in records[item]["sources"]:
+            records[item]["sources"].append(source)
+        return
+    meta = metas.get(item)
+    if meta is None:
+        result.skipped["item files missing"] += 1
+        return
+    decisions = all_decisions.get(item, [])
+    if only == "kept" and verdict(decisions) != "kept":
+        result.skipped[f"not kept ({verdict(decisions)})"] += 1
+        return
+    image = str((meta.get("outputs") or {}).get("image") or paths.image_name())
+    ext = image.rsplit(".", 1)[-1].lower()
+    if "/" in image or ext not in _CONTENT_TYPES:
+        result.skipped["unexpected output file name"] += 1
+        return
+    folder = run.item_folder(item)
+    assert folder is not None
+    records[item] = _record(run, row, meta, image_file_name(str(row.get("id")), item, ext), decisions)
+    sources[item] = storage.join(folder, image)
 
 
 def _listed(prefix: str) -> set[str]:
