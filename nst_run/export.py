@@ -245,7 +245,7 @@ def export_dataset(
         run_uris: run folders (``{output}/runs/{run}``), paths or ``s3://`` URIs.
         dest_uri: the destination folder or ``s3://`` prefix.
         only: ``"kept"``: only items every reviewer kept.
-        form: ``"imagefolder"`` (images/ + metadata.jsonl) or ``"parquet"`` (shards with the images in them).
+        form: ``"imagefolder"`` (``images/<item id[:2]>/`` + metadata files) or ``"parquet"`` (shards with the images in them).
         max_shard_bytes: the parquet form's image bytes per shard (a larger image gets a shard of its own).
         workers: threads reading and writing storage.
 
