@@ -78,20 +78,24 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nst_run.export import export_dataset
+    from nst_run.export import DEFAULT_SHARD_BYTES, MIB, export_dataset
 
     if len(args.paths) < 2:
         raise UsageError("export needs one or more RUN_URI and a DEST")
     *runs, dest = args.paths
-    result = export_dataset(runs, dest, only=args.only)
-    print(f"exported {result.images} image(s) from {len(runs)} run(s) to {result.dest}: "
+    result = export_dataset(runs, dest, only=args.only, form=args.format, max_shard_bytes=round(args.max_shard_mb * MIB) if args.max_shard_mb is not None else DEFAULT_SHARD_BYTES)
+    print(f"exported {result.images} image(s) from {len(runs)} run(s) to {result.dest} ({result.form}): "
           f"{result.written} written, {result.already_there} already there")  # fmt: skip
+    if result.migrated:
+        print(f"  moved {result.migrated} image(s) of the earlier flat images/ layout into their images/<item id[:2]>/ folders")
+    if result.shards:
+        print(f"  shards: {len(result.shards)} file(s) under {result.dest}/data/")
     for reason, n in sorted(result.skipped.items()):
         print(f"  skipped {n} row(s): {reason}")
     for name, uri in result.files.items():
         print(f"  {name}: {uri}")
     if result.stale:
-        print(f"WARNING: {len(result.stale)} file(s) in {result.dest}/images are not in this export "
+        print(f"WARNING: {len(result.stale)} file(s) in {result.dest} are not in this export "
               f"(from an earlier export?), e.g. {result.stale[0]}; export into an empty folder for a clean dataset", file=sys.stderr)  # fmt: skip
     if result.images == 0:
         print("WARNING: nothing was exported", file=sys.stderr)
@@ -119,4 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export runs as a Hugging Face image-folder dataset")
     p.add_argument("paths", nargs="+", metavar="RUN_URI... DEST", help="one or more run folders, then the destination folder or s3:// prefix")
     p.add_argument("--only", choices=("kept",), help="only items every reviewer kept")
+    p.add_argument("--format", choices=("imagefolder", "parquet"), default="imagefolder",
+                   help="imagefolder (default): images/<item id[:2]>/ + metadata; parquet: shards with the images in them (large exports, past ~100k images)")  # fmt: skip
+    p.add_argument("--max-shard-mb", type=float, metavar="MB", help="parquet: image megabytes per shard (default 500, as datasets writes)")
     p.set_defaults(func=cmd_export)

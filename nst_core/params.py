@@ -45,6 +45,7 @@ controls are checked against the number of styles.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -55,6 +56,18 @@ from nst_core.weights import WeightsSpec
 
 INIT_KEYWORDS = ("content", "noise", "style")
 MAX_STYLES = 8
+
+
+def normalised_blend_weights(weights: Sequence[float] | None, n_styles: int) -> tuple[float, ...]:
+    """The weight of each of ``n_styles`` styles, summing to 1: ``weights / sum(weights)``, or 1/S each when None.
+
+    The one formula for a blend (the engine's style target and the export's ``style_weights``); counts are
+    checked by :meth:`StyleParams.check_styles`, not here.
+    """
+    if weights is None:
+        return tuple(1.0 / n_styles for _ in range(n_styles))
+    total = sum(weights)
+    return tuple(w / total for w in weights)
 
 
 def input_role(kind: str, index: int) -> str:
@@ -327,10 +340,7 @@ class StyleParams(BaseModel):
         Raises :class:`StyleInputsError` when the number of weights is not the number of styles.
         """
         self.check_styles(n_styles)
-        if self.style_blend_weights is None:
-            return tuple(1.0 / n_styles for _ in range(n_styles))
-        total = sum(self.style_blend_weights)
-        return tuple(w / total for w in self.style_blend_weights)
+        return normalised_blend_weights(self.style_blend_weights, n_styles)
 
     def check_styles(self, n_styles: int) -> None:
         """Refuse a style count that the list parameters do not match (the one place counts are checked)."""

@@ -26,6 +26,9 @@
  net        (session)  the VGG-19 with random:0 weights on the CPU (the engine
                        tests' network; load_network caches it per process).
 
+ Hugging Face datasets: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set and HF_HOME a
+ temp folder, before anything imports it: load_dataset never downloads.
+
  Other fixtures are added below this block; keep each one documented here or
  next to its definition.
 ==============================================================================
@@ -50,6 +53,11 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Hugging Face datasets (the export tests load exports with it): never the network, a private cache.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="nst-hf-home-"))
 
 from s3server import S3Server, start_s3_server
 

@@ -205,7 +205,7 @@ def test_s3_run_report_copied_locally_review_and_export(prefect_server, s3_bucke
     keys = storage.list_prefix(dest + "/")
     names = sorted(k.removeprefix(dest + "/") for k in keys)
     assert len(names) == 5 and names[:2] == [".nst-export.json", "README.md"]  # the record of what the export wrote
-    assert re.fullmatch(r"images/one-[0-9a-f]{12}\.png", names[2]) and names[3:] == ["metadata.jsonl", "metadata.parquet"]
+    assert re.fullmatch(r"images/([0-9a-f]{2})/one-\1[0-9a-f]{10}\.png", names[2]) and names[3:] == ["metadata.jsonl", "metadata.parquet"]
     lines = [json.loads(x) for x in storage.read_bytes(f"{dest}/metadata.jsonl").decode().splitlines()]
     assert [r["id"] for r in lines] == ["one"] and lines[0]["meta_licence"] == "CC-BY"
     assert lines[0]["content_uri"] == f"s3://{s3_bucket}/in/tubingen.jpg"

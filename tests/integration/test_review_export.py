@@ -150,11 +150,12 @@ def test_export_round_trip_only_kept(two_runs, out, tmp_path, capsys):
 
     lines = [json.loads(x) for x in (dest / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sorted(r["id"] for r in lines) == sorted(["a", HOSTILE_ID])  # kept ones once each; rejected c absent
-    files = sorted(p.relative_to(dest).as_posix() for p in (dest / "images").iterdir())
+    files = sorted(p.relative_to(dest).as_posix() for p in (dest / "images").rglob("*") if p.is_file())
     assert files == sorted(r["file_name"] for r in lines) and len(files) == 2
     for r in lines:
         assert r["file_name"].startswith("images/") and ".." not in r["file_name"] and "<" not in r["file_name"]
-        assert (dest / r["file_name"]).resolve().parent == (dest / "images").resolve()
+        # One folder per first two hex digits of the item id: the content address alone places the image.
+        assert (dest / r["file_name"]).resolve().parent == (dest / "images" / r["item_id"][:2]).resolve()
         source = out / "items" / r["item_id"] / "stylized.png"
         assert (dest / r["file_name"]).read_bytes() == source.read_bytes()
         assert r["decision"] == "kept" and r["weights_id"] == "random:0" and r["weights_random"] is True
@@ -163,13 +164,13 @@ def test_export_round_trip_only_kept(two_runs, out, tmp_path, capsys):
     by_id = {r["id"]: r for r in lines}
     assert by_id["a"]["meta_licence"] == "CC-BY 4.0" and by_id[HOSTILE_ID]["style_weight"] == 100
     assert {x["reviewer"] for x in by_id["a"]["reviews"]} == {"ann", "bob"}
-    assert by_id[HOSTILE_ID]["file_name"].startswith("images/etc_b_passwd_b-")
+    assert by_id[HOSTILE_ID]["file_name"].startswith(f"images/{by_id[HOSTILE_ID]['item_id'][:2]}/etc_b_passwd_b-")
 
     table = pd.read_parquet(dest / "metadata.parquet")
     assert len(table) == 2 and table["file_name"].is_unique and sorted(table["id"]) == sorted(by_id)
     assert list(table.columns) == list(lines[0].keys())
     card = (dest / "README.md").read_text(encoding="utf-8")
-    assert "configs:" in card and "- metadata.jsonl" in card and "untrained random VGG-19 weights" in card
+    assert "configs:" in card and "- metadata.parquet" in card and "- images/*/*" in card and "untrained random VGG-19 weights" in card
     assert "CC-BY 4.0" in card and "meta_licence" in card and "<b>" not in card
 
     # Without --only every finished item is there, with its verdict.
@@ -186,7 +187,7 @@ def test_two_runs_of_the_same_items_export_each_image_once(two_runs, out, tmp_pa
     dest = tmp_path / "both"
     result = export_dataset(runs, str(dest))
     assert result.images == 3 and result.written == 3
-    assert len(list((dest / "images").iterdir())) == 3
+    assert len([p for p in (dest / "images").rglob("*") if p.is_file()]) == 3
     lines = [json.loads(x) for x in (dest / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 3 and len({r["item_id"] for r in lines}) == 3
     a = next(r for r in lines if r["id"] == "a")
@@ -206,7 +207,8 @@ def test_hostile_ids_make_safe_file_names():
     item = "ab" * 32
     for raw in ("../../x", "/etc/passwd", "..", ".", "", "CON", "a\\b", "é<script>", "x" * 500, "\u202etxt.exe"):
         name = image_file_name(raw, item, "png")
-        stem = name.removeprefix("images/")
+        assert name.startswith(f"images/{item[:2]}/")
+        stem = name.removeprefix(f"images/{item[:2]}/")
         assert "/" not in stem and "\\" not in stem and not stem.startswith(".") and ".." not in stem
         assert len(stem) <= 80 + 1 + 12 + 4 and stem.endswith(f"-{item[:12]}.png")
     assert safe_stem("CON") != "CON" and safe_stem("") == "item"
