@@ -187,6 +187,32 @@ DIVERGENCE_FACTOR = 2.0
 """The divergence guard: an item whose total loss exceeds this many times its best so far has diverged."""
 
 
+def checks_convergence(k: int) -> bool:
+    """Whether the early-stopping rule is checked after an item's ``k``-th evaluation (1-based) of a stage."""
+    return k > TOLERANCE_WINDOW and k % TOLERANCE_WINDOW == 0
+
+
+def converged(best_now: Tensor, best_before: Tensor, tolerance: float) -> Tensor:
+    """The early-stopping rule, per item: the best total loss so far fell by at most ``tolerance`` of
+    its value :data:`TOLERANCE_WINDOW` evaluations ago (best losses, so a passing uphill step of
+    L-BFGS does not stop an item)."""
+    return (best_before - best_now) <= tolerance * best_before.abs()
+
+
+def stop_iteration(totals: Sequence[float], tolerance: float) -> int:
+    """The evaluation at which :func:`optimise` stops a lone item whose total losses are ``totals``.
+
+    What the rule would do, without running it: on the CPU a lone item's early-stopped run is the
+    start of its run without early stopping, bit for bit, so ``benchmarks/multiscale.py`` reads every
+    tolerance's stop off one full run. ``len(totals)`` when it never stops.
+    """
+    best = torch.tensor(totals, dtype=torch.float32).cummin(0).values  # the engine keeps float32 totals
+    for k in range(1, len(totals) + 1):
+        if tolerance > 0 and checks_convergence(k) and bool(converged(best[k - 1], best[k - 1 - TOLERANCE_WINDOW], tolerance)):
+            return k
+    return len(totals)
+
+
 def _rows(iteration: int, terms: dict[str, Tensor]) -> Tensor:
     """Stack a step's loss terms into ``[n_terms + 1, B]`` without leaving the device."""
     values = list(terms.values())
@@ -304,16 +330,14 @@ def optimise(
             best.append(torch.where(improved, loss, best[-1]) if best else loss)
             torch.where(improved[:, None, None, None], x.detach(), best_image, out=best_image)
             best_iteration = torch.where(improved, torch.full_like(best_iteration, i), best_iteration)
-        if params.tolerance > 0 and k > TOLERANCE_WINDOW and k % TOLERANCE_WINDOW == 0:
-            # The best loss so far, now and a window ago: a passing uphill step of L-BFGS does not stop an item.
-            now, before = best[-1], best[-1 - TOLERANCE_WINDOW]
-            converged = (before - now) <= params.tolerance * before.abs()
-            newly = (converged & active).cpu().tolist()
+        if params.tolerance > 0 and checks_convergence(k):
+            done_now = converged(best[-1], best[-1 - TOLERANCE_WINDOW], params.tolerance)
+            newly = (done_now & active).cpu().tolist()
             for b, done in enumerate(newly):
                 if done:
                     stop_at[b] = k
                     reasons[b] = f"converged: best total loss improved < {params.tolerance:g} over {TOLERANCE_WINDOW} iterations"
-            active = active & ~converged
+            active = active & ~done_now
             still = active.cpu().tolist()
             all_active = all(still)
             if not any(still):

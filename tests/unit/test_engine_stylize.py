@@ -378,6 +378,23 @@ def test_same_seed_same_parameters_bit_identical_on_cpu(tubingen, starry, net):
     assert (a.image - c.image).abs().mean() > 1e-3
 
 
+def test_early_stopping_stops_where_stop_iteration_reads_it_off_the_full_run(tubingen, starry, net):
+    """On the CPU a lone item's early-stopped run is the start of its run without early stopping, and
+    ``engine.stop_iteration`` on that run's totals says where it stops (benchmarks/multiscale.py sweeps
+    tolerances this way, off one full run per pair)."""
+    base = dict(size=32, iterations=60, weights=WEIGHTS, device="cpu")
+    full = stylize(tubingen, starry, StyleParams(**base, tolerance=0), network=net)
+    totals = [row["total"] for row in full.history]
+    stops = []
+    for tolerance in (0.01, 0.05):
+        stopped = stylize(tubingen, starry, StyleParams(**base, tolerance=tolerance), network=net)
+        assert stopped.iterations == engine.stop_iteration(totals, tolerance), tolerance
+        assert [row["total"] for row in stopped.history] == totals[: stopped.iterations]
+        stops.append(stopped.iterations)
+    assert min(stops) < 60, stops  # the rule did stop a run early
+    assert engine.stop_iteration(totals, 0.0) == 60
+
+
 def test_adam_counts_iterations_like_lbfgs(tubingen, starry, net):
     params = StyleParams(size=32, iterations=5, optimizer="adam", weights=WEIGHTS, device="cpu")
     result = stylize(tubingen, starry, params, network=net)
