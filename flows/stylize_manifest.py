@@ -16,6 +16,7 @@ import contextlib
 import os
 import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -280,6 +281,8 @@ def stylize_manifest(
     pending_chunks = iter(chunks(manifest.rows, chunk_size))
     resolving: collections.deque[Any] = collections.deque()  # resolve futures, oldest first
     random_weights = False
+    releaser = ThreadPoolExecutor(1, thread_name_prefix="nst-release")  # leases of failed items, freed off the dispatch loop
+    releases: list[Any] = []
     own_s = 0.0  # the loop's own time since the last unit was collected (submitting)
     unit_floor = 1
     while True:
@@ -315,13 +318,17 @@ def stylize_manifest(
         except Exception as exc:  # retries exhausted, or an unexpected error: only this unit fails
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             computed = [outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in unit]
-        release_failed_leases(computed, output_uri, owner, storage_patience_s, logger)
+        if failed := [o for o in computed if o.status == "failed"]:  # freed in the background: storage may be down
+            releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)
         settle(flight.settle(computed))
         for outcome in computed:
             pace.item_time(outcome.duration_s)
         pace.unit_cost(own_s + time.perf_counter() - collecting)
         own_s = 0.0
+    for release in releases:
+        release.result()  # release_failed_leases waits up to storage_patience_s, then leaves the lease to expire
+    releaser.shutdown()
     counts = writer.counts()
     failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
     summary: dict[str, Any] = {
