@@ -438,3 +438,27 @@ def test_nst_stylize_refuses_to_write_over_one_of_its_inputs(tmp_path, sample_im
         result = _nst("stylize", str(content), str(style), "-o", str(out), "--size", "32", "--iterations", "1", "--weights", "random:0")
         assert result.returncode == 2 and "would be overwritten" in result.stderr, result.stderr
     assert (content.read_bytes(), style.read_bytes()) == before
+
+
+def _manifest(folder: Path, sample_images: Path, header: str = "content_uri,style_uri") -> Path:
+    manifest = folder / "m.csv"
+    manifest.write_text(f"{header}\n{sample_images / 'tubingen.jpg'},{sample_images / 'starry_night.jpg'}\n")
+    return manifest
+
+
+@pytest.mark.parametrize("case", ["output-is-a-file", "output-under-a-file", "manifest-without-a-column"])
+def test_nst_run_explains_a_refusal_in_one_line_without_prefects_traceback(tmp_path, sample_images, case):
+    """Errors nst explains itself (a bad output folder, a manifest it refuses) reach the terminal as its one
+    clear line: no Prefect traceback above it, exit 2."""
+    a_file = tmp_path / "outfile"
+    a_file.write_text("not a folder\n")
+    output = {"output-is-a-file": a_file, "output-under-a-file": a_file / "sub"}.get(case, tmp_path / "out")
+    header = "content_uri,picture" if case == "manifest-without-a-column" else "content_uri,style_uri"
+    manifest = _manifest(tmp_path, sample_images, header)
+    result = _nst("run", str(manifest), "-o", str(output), "--set", "size=32", "--set", "iterations=1", "--set", "weights=random:0")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and 'File "' not in result.stderr, result.stderr
+    clear = [line for line in result.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(clear) == 1, result.stderr
+    assert ("style_uri" in clear[0]) if case == "manifest-without-a-column" else (str(a_file) in clear[0] and "not a folder" in clear[0])
+    assert a_file.read_text() == "not a folder\n"
