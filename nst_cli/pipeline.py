@@ -114,6 +114,17 @@ def _refuse_a_file_for_a_folder(output: str) -> None:
             return
 
 
+def _tables_stored(failed_uri: str) -> str:
+    """``; results stored: {run folder}/results.csv`` when the write that failed lies in a run folder whose table is stored."""
+    from nst_core import storage
+    from nst_run import paths
+
+    output_root, found, rest = failed_uri.partition(f"/{paths.RUNS_DIR}/")
+    run = rest.split("/", 1)[0]
+    table = paths.run_file(paths.run_folder(output_root, run), paths.RESULTS_CSV) if found and run else None
+    return f"; results stored: {table}" if table and storage.exists(table) else ""
+
+
 class _WithoutTraceback(logging.Filter):
     """Leaves out the traceback of a record whose exception is one of ``explained`` (it still says what failed)."""
 
@@ -265,7 +276,7 @@ def _run_flow(
     _quiet_prefect_env()
     from flows.progress import listening
     from flows.stylize_manifest import stylize_manifest
-    from nst_core.storage import StorageError
+    from nst_core.storage import NoSpace, StorageError
     from nst_run.manifest import ManifestError
 
     parameters = dict(
@@ -289,6 +300,9 @@ def _run_flow(
         summary = state.result(raise_on_failure=False)
     except Exception as exc:  # pragma: no cover - defensive
         summary = exc
+    if isinstance(summary, NoSpace):  # the disk's fault, not the input's: exit 1, saying what was stored
+        print(f"nst: error: the run stopped, storage full: {summary}{_tables_stored(summary.uri)}", file=sys.stderr)
+        return EXIT_FAILED, None
     if isinstance(summary, explained):
         raise UsageError(str(summary))
     if isinstance(summary, BaseException):
