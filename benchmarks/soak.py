@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/soak.py                       # 2,000 items, 32 px, 5 iterations
     .venv/bin/python benchmarks/soak.py --items 200 --json benchmarks/results/soak-small.json
+    .venv/bin/python benchmarks/soak.py --items 500 --local --tracemalloc 20   # what grows, by allocation site
 
 Reports items per minute, the flow's own overhead per item, peak memory (RSS)
 of the flow process and of the Prefect server, and the flow process's memory
@@ -20,6 +21,7 @@ wall minus engine understates the overhead.)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -27,7 +29,10 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,18 +67,61 @@ def children(pid: int) -> list[int]:
 
 
 class Sampler(threading.Thread):
-    """Samples the RSS of this process and of its child processes (the Prefect server) every second."""
+    """Samples the RSS of this process and of its child processes (the Prefect server) every second.
 
-    def __init__(self) -> None:
+    With ``snapshot_every_s``, also a tracemalloc snapshot that often (tracemalloc must be tracing) and
+    the Python heap's traced size beside each RSS sample."""
+
+    def __init__(self, snapshot_every_s: float = 0.0, count_every_s: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.samples: list[tuple[float, float, float]] = []  # (time, flow MB, children MB)
+        self.traced: list[tuple[float, float]] = []  # (time, Python heap MB traced by tracemalloc)
+        self.snapshots: list[tuple[float, Any]] = []  # (time, tracemalloc.Snapshot)
+        self.counts: list[tuple[float, Counter[str]]] = []  # (time, live gc-tracked objects per type, threads, fds)
+        self.snapshot_every_s = snapshot_every_s
+        self.count_every_s = count_every_s
         self.stop = threading.Event()
 
     def run(self) -> None:
+        last_snapshot = last_count = time.time()
         while not self.stop.is_set():
             me = os.getpid()
-            self.samples.append((time.time(), rss_mb(me), sum(rss_mb(c) for c in children(me))))
+            now = time.time()
+            self.samples.append((now, rss_mb(me), sum(rss_mb(c) for c in children(me))))
+            if self.snapshot_every_s:
+                self.traced.append((now, tracemalloc.get_traced_memory()[0] / 2**20))
+                if now - last_snapshot >= self.snapshot_every_s:
+                    self.snapshots.append((now, tracemalloc.take_snapshot()))
+                    last_snapshot = now
+            if self.count_every_s and now - last_count >= self.count_every_s:
+                self.counts.append((now, live_objects()))
+                last_count = now
             self.stop.wait(1.0)
+
+
+def live_objects() -> Counter[str]:
+    """Live gc-tracked objects per type (module.qualname), plus this process's threads and open files."""
+    found: Counter[str] = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
+    found["<threads>"] = threading.active_count()
+    found["<open fds>"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    return found
+
+
+def count_growth(first: Counter[str], last: Counter[str], per: float, top: int = 30) -> list[str]:
+    """The types whose live count grew most from ``first`` to ``last``, scaled by ``per`` (items)."""
+    grown = sorted(((last[k] - first.get(k, 0), k) for k in last), reverse=True)[:top]
+    return [f"{diff * per:+10.0f} /1000 items  {last[k]:>9d} live  {k}" for diff, k in grown if diff > 0]
+
+
+def heap_growth(first: Any, last: Any, top: int = 25) -> list[str]:
+    """The allocation sites (tracebacks) whose live Python memory grew most from ``first`` to ``last``."""
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
+    first, last = first.filter_traces(ignore), last.filter_traces(ignore)
+    lines = []
+    for stat in last.compare_to(first, "traceback")[:top]:
+        lines.append(f"{stat.size_diff / 2**20:+8.2f} MB {stat.count_diff:+8d} blocks")
+        lines += [f"      {frame.filename}:{frame.lineno}" for frame in stat.traceback[-8:]]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--baseline-items", type=int, default=100, help="items of the engine-alone baseline (0: none)")
+    parser.add_argument("--local", action="store_true", help="inputs and outputs in a local folder (no S3 server)")
+    parser.add_argument("--tracemalloc", type=float, default=0.0, metavar="SECONDS",
+                        help="trace Python allocations (6 frames) and take a snapshot this often; prints what grew most "
+                        "from the first snapshot after warm-up to the last (slows the run several times over)")  # fmt: skip
+    parser.add_argument("--count-objects", type=float, default=0.0, metavar="SECONDS",
+                        help="count live objects per type (and threads, open files) this often; prints which counts grew "
+                        "per 1,000 items after warm-up (cheap)")  # fmt: skip
     args = parser.parse_args(argv)
     for name, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"),
                         ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240"), ("PREFECT_LOGGING_LEVEL", "WARNING")):  # fmt: skip
@@ -104,36 +160,44 @@ def main(argv: list[str] | None = None) -> int:
             engine_seconds[0] += time.perf_counter() - t0
 
     task_module.engine.stylize_batch = timed
-    baseline_per_item = baseline_in_a_fresh_process(args.size, args.iterations, min(args.items, 100))
+    baseline_per_item = baseline_in_a_fresh_process(args.size, args.iterations, min(args.items, args.baseline_items)) if args.baseline_items else 0.0
+    if args.tracemalloc:
+        tracemalloc.start(6)
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_s3_server(Path(tmp) / "s3")
+        server = None if args.local else start_s3_server(Path(tmp) / "s3")
         try:
-            os.environ.update(server.env())
-            storage.reset_clients()
-            server.create_bucket("soak")
+            if server:
+                os.environ.update(server.env())
+                storage.reset_clients()
+                server.create_bucket("soak")
+            root = f"{tmp}/soak" if server is None else "s3://soak"
             for name in ("tubingen.jpg", "starry_night.jpg"):
-                storage.write_bytes(f"s3://soak/in/{name}", (SAMPLES / name).read_bytes())
+                storage.write_bytes(f"{root}/in/{name}", (SAMPLES / name).read_bytes())
             rows = ["id,content_uri,style_uri,seed,init"]
-            rows += [f"i{i},s3://soak/in/tubingen.jpg,s3://soak/in/starry_night.jpg,{i},noise" for i in range(args.items)]
-            storage.write_bytes("s3://soak/m.csv", ("\n".join(rows) + "\n").encode())
-            sampler = Sampler()
+            rows += [f"i{i},{root}/in/tubingen.jpg,{root}/in/starry_night.jpg,{i},noise" for i in range(args.items)]
+            storage.write_bytes(f"{root}/m.csv", ("\n".join(rows) + "\n").encode())
+            sampler = Sampler(args.tracemalloc, args.count_objects)
             sampler.start()
             start = time.time()
             state = stylize_manifest(
-                manifest_uri="s3://soak/m.csv", output_uri="s3://soak/out",
+                manifest_uri=f"{root}/m.csv", output_uri=f"{root}/out",
                 defaults=StyleParams(size=args.size, iterations=args.iterations, weights="random:0", tolerance=0),
-                return_state=True,
+                allow_local_paths=server is None, return_state=True,
             )  # fmt: skip
             sampler.stop.set()
             sampler.join()
             summary = state.result()
         finally:
-            server.stop()
+            if server:
+                server.stop()
     wall = summary["wall_time_s"]
     done = summary["counts"]["succeeded"]
     run_samples = [s for s in sampler.samples if s[0] >= start]
     second_half = run_samples[len(run_samples) // 2 :]
     slope = _slope([(t - start) * done / wall for t, _, _ in second_half], [m for _, m, _ in second_half])
+    half = start + (sampler.samples[-1][0] - start) / 2
+    traced_half = [(t, m) for t, m in sampler.traced if t >= half]
+    heap_slope = _slope([(t - start) * done / wall for t, _ in traced_half], [m for _, m in traced_half])
     figures = {
         "items": args.items, "succeeded": done, "wall_s": wall, "items_per_minute": 60 * done / wall,
         "engine_s": engine_seconds[0], "engine_alone_per_item_s": baseline_per_item,
@@ -142,8 +206,23 @@ def main(argv: list[str] | None = None) -> int:
         "peak_flow_rss_mb": max(m for _, m, _ in sampler.samples),
         "peak_prefect_server_rss_mb": max(c for _, _, c in sampler.samples),
         "flow_rss_growth_mb_per_1000_items": slope * 1000,
+        "storage": "local" if args.local else "s3",
+        "rss_samples_mb": [round(m, 1) for _, m, _ in sampler.samples[:: max(1, len(sampler.samples) // 200)]],
     }  # fmt: skip
+    after_warmup_counts = [(t, c) for t, c in sampler.counts if t >= start + (sampler.samples[-1][0] - start) / 4]
+    if len(after_warmup_counts) >= 2:
+        (t0, first), (t1, last) = after_warmup_counts[0], after_warmup_counts[-1]
+        items_between = (t1 - t0) * done / wall
+        print("\n".join(count_growth(first, last, 1000 / max(items_between, 1))))
+        figures["live_objects_growth_per_1000_items"] = (sum(last.values()) - sum(first.values())) * 1000 / max(items_between, 1)
+    if args.tracemalloc:
+        figures["python_heap_growth_mb_per_1000_items"] = heap_slope * 1000
+        after_warmup = [snap for t, snap in sampler.snapshots if t >= start + (sampler.samples[-1][0] - start) / 4]
+        if len(after_warmup) >= 2:
+            print("\n".join(heap_growth(after_warmup[0], after_warmup[-1])))
     for key, value in figures.items():
+        if key == "rss_samples_mb":
+            continue
         print(f"{key:<36} {value:.3f}" if isinstance(value, float) else f"{key:<36} {value}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,65 @@ def _stopped_cleanly_by_signals() -> Iterator[None]:
         signal.signal(stop_signal, handler)
 
 
+def _refuse_a_file_for_a_folder(output: str) -> None:
+    """A local output folder that is a file (or lies under one) is refused before a Prefect server starts.
+
+    Raises:
+        UsageError: ``output`` or one of its parents is a file.
+    """
+    from nst_core import storage
+
+    if not storage.is_local(output):
+        return
+    folder = storage.parse_uri(output).path
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == folder else f"lies under {path}, a file"
+                raise UsageError(f"output {storage.sanitize_uri(output)}: {where}, not a folder")
+            return
+
+
+def _tables_stored(failed_uri: str) -> str:
+    """``; results stored: {run folder}/results.csv`` when the write that failed lies in a run folder whose table is stored."""
+    from nst_core import storage
+    from nst_run import paths
+
+    output_root, found, rest = failed_uri.partition(f"/{paths.RUNS_DIR}/")
+    run = rest.split("/", 1)[0]
+    table = paths.run_file(paths.run_folder(output_root, run), paths.RESULTS_CSV) if found and run else None
+    return f"; results stored: {table}" if table and storage.exists(table) else ""
+
+
+class _WithoutTraceback(logging.Filter):
+    """Leaves out the traceback of a record whose exception is one of ``explained`` (it still says what failed)."""
+
+    def __init__(self, explained: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.explained = explained
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.explained):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def _tracebacks_left_out(explained: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """While the flow runs: the terminal's log lines (the root logger's handlers, where Prefect's console
+    handler sits) carry no traceback for the errors nst explains in one line after the run. Prefect's API
+    handlers (the UI's logs) sit on Prefect's own loggers and see each record first, traceback included."""
+    handlers = list(logging.getLogger().handlers)
+    quiet = _WithoutTraceback(explained)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
 def _defaults(sets: dict[str, str]):
     return build_params(sets)
 
@@ -217,7 +276,7 @@ def _run_flow(
     _quiet_prefect_env()
     from flows.progress import listening
     from flows.stylize_manifest import stylize_manifest
-    from nst_core.storage import StorageError
+    from nst_core.storage import NoSpace, StorageError
     from nst_run.manifest import ManifestError
 
     parameters = dict(
@@ -233,13 +292,18 @@ def _run_flow(
         raise UsageError("invalid run option: " + "; ".join("--" + line.replace("_", "-", line.find(":")) if ":" in line else line for line in lines)) from None
     finally:
         flow_logger.disabled = False
-    with _stopped_cleanly_by_signals(), listening(ProgressLine(sys.stderr)):
+    _refuse_a_file_for_a_folder(output)
+    explained = (ManifestError, StorageError, ValueError)  # the flow's errors nst turns into its one clear line
+    with _stopped_cleanly_by_signals(), listening(ProgressLine(sys.stderr)), _tracebacks_left_out(explained):
         state = stylize_manifest(**parameters, return_state=True)
     try:
         summary = state.result(raise_on_failure=False)
     except Exception as exc:  # pragma: no cover - defensive
         summary = exc
-    if isinstance(summary, (ManifestError, StorageError, ValueError)):
+    if isinstance(summary, NoSpace):  # the disk's fault, not the input's: exit 1, saying what was stored
+        print(f"nst: error: the run stopped, storage full: {summary}{_tables_stored(summary.uri)}", file=sys.stderr)
+        return EXIT_FAILED, None
+    if isinstance(summary, explained):
         raise UsageError(str(summary))
     if isinstance(summary, BaseException):
         print(f"nst: error: the run failed: {summary}", file=sys.stderr)

@@ -269,6 +269,10 @@ def _load_into(features: nn.Sequential, state: dict[str, Tensor], source: str) -
             raise WeightsError(
                 f"weights {source}: {key} has shape {tuple(state[key].shape)}, VGG-19 needs {tuple(tensor.shape)}"
             )
+        if not state[key].is_floating_point():
+            # load_state_dict would cast it silently: integer weights are (almost) all 0, an all-zero
+            # network whose every item "succeeds" with a flat loss; complex ones would lose a part.
+            raise WeightsError(f"weights {source}: {key} holds {str(state[key].dtype).removeprefix('torch.')} values, VGG-19 needs floating-point ones")
         if not torch.isfinite(state[key]).all():
             raise WeightsError(f"weights {source}: {key} contains NaN or infinite values")
     features.load_state_dict({k: state[k] for k in expected})

@@ -56,6 +56,7 @@ T = TypeVar("T")
 __all__ = [
     "AccessDenied",
     "InvalidUri",
+    "NoSpace",
     "NoSuchBucket",
     "ObjectNotFound",
     "ParsedUri",
@@ -87,6 +88,7 @@ __all__ = [
     "delete_if_version",
     "read_versioned",
     "replace_if_version",
+    "reserve_space",
 ]
 
 # Temporary files of atomic local writes are named ".<name>.<random>.nst-tmp";
@@ -160,6 +162,12 @@ class NoSuchBucket(StorageError):
 
 class ObjectTooLarge(StorageError):
     """The object is larger than the caller accepts (checked before its bytes are read)."""
+
+    transient = False
+
+
+class NoSpace(StorageError):
+    """A local file system is full (ENOSPC), over a quota (EDQUOT), or a file over its size limit (EFBIG)."""
 
     transient = False
 
@@ -634,6 +642,8 @@ def _os_error(exc: OSError, uri: str) -> StorageError:
         return StorageError(uri, "is a directory, not a file")
     if isinstance(exc, NotADirectoryError):
         return StorageError(uri, "a parent of this path is a file, not a directory")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NoSpace(uri, f"no space left ({name}: {exc.strerror or exc})")
     transient = exc.errno in (errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.EBUSY, errno.ESTALE)
     return StorageError(uri, f"filesystem error ({name}: {exc.strerror or exc})", transient=transient)
 
@@ -890,6 +900,41 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes, content_type: str | No
         return
     except Exception as exc:
         err = _translate(exc, text, p.bucket)
+    raise err
+
+
+def reserve_space(uri: str | os.PathLike[str], size: int) -> None:
+    """Hold at least ``size`` bytes of a local file system in the file ``uri`` (allocated, not sparse).
+
+    The file grows to ``size`` (it never shrinks); deleting it gives the space back. So a writer can keep
+    room for what it must write last (a run's results table) while other writes fill the disk. An S3
+    address holds nothing (a bucket does not fill up).
+
+    Raises:
+        NoSpace: the file system has no room for ``size`` bytes (what was allocated stays held).
+        StorageError: the file cannot be created (a parent is a file, permission denied...).
+    """
+    p = _object(uri)
+    if p.scheme != "file":
+        return
+    assert p.path is not None
+    try:
+        p.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            held = os.fstat(fd).st_size
+            if held < size and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            elif held < size:  # macOS: no posix_fallocate; written zeros hold their blocks (a truncate would not)
+                os.lseek(fd, held, os.SEEK_SET)
+                for start in range(held, size, 1 << 20):
+                    os.write(fd, bytes(min(1 << 20, size - start)))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        err = _os_error(exc, p.uri)
+    else:
+        return
     raise err
 
 

@@ -41,6 +41,7 @@ PARTS_DIR = "parts"
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 SUMMARY_FILE = "summary.json"
+TABLE_RESERVE = ".table-reserve"  # room held for the tables on a local disk while a run goes (nst_run.results)
 REPORT_FILE = "report.html"
 THUMBS_DIR = "thumbs"
 REPORT_FILES_DIR = "report-files"

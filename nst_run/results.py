@@ -84,8 +84,18 @@ def parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+TABLE_RESERVE_HEADROOM = 256 * 1024
+"""Bytes held from the start for ``summary.json`` and the Parquet file's fixed part (schema, footer)."""
+TABLE_RESERVE_PER_CSV_BYTE = 2
+"""Bytes held per byte of the rows' CSV: ``results.csv`` and ``results.parquet`` (never larger than the CSV)."""
+
+
 class ResultsWriter:
     """Accumulates outcomes and stores them under ``{output_uri}/runs/{run}/``.
+
+    On a local file system the writer holds room for the final tables (``paths.TABLE_RESERVE``, a file
+    grown as rows come and deleted just before the tables are written): items filling the disk then
+    fail their own rows (the disk is full), and the run still ends with its results table.
 
     Rows are written as they come in parts of ``part_rows`` (``parts/results-NNNNN.csv``), so a run
     that dies part way leaves what it settled; :meth:`finish` writes the whole table.
@@ -98,9 +108,19 @@ class ResultsWriter:
         self.part_rows = max(1, part_rows)
         self._unwritten: list[Outcome] = []
         self._parts = 0
+        self._csv_bytes = 0  # of every row so far, as the parts hold them
+        self._reserve = paths.run_file(self.folder, paths.TABLE_RESERVE)
+        self._hold_room()
 
     def _write(self, uri: str, data: bytes, content_type: str) -> None:
         storage.retry_transient(lambda: storage.write_bytes(uri, data, content_type), self.patience_s)
+
+    def _hold_room(self) -> None:
+        """Grow the reserve to what the tables of the rows so far need; a full disk leaves it as it is."""
+        try:
+            storage.reserve_space(self._reserve, TABLE_RESERVE_HEADROOM + TABLE_RESERVE_PER_CSV_BYTE * self._csv_bytes)
+        except storage.NoSpace as exc:
+            log.warning("no room to hold for the results table (%s): it may not fit at the end", exc)
 
     def add(self, outcomes: list[Outcome]) -> None:
         self.outcomes.extend(outcomes)
@@ -114,10 +134,13 @@ class ResultsWriter:
         rows, self._unwritten = self._unwritten, []
         self._parts += 1
         part = paths.results_part(self.folder, self._parts)
+        data = csv_bytes(to_frame(rows))
+        self._csv_bytes += len(data)
+        self._hold_room()
         try:
-            self._write(part, csv_bytes(to_frame(rows)), "text/csv")
+            self._write(part, data, "text/csv")
         except storage.StorageError as exc:
-            if not exc.transient:
+            if not (exc.transient or isinstance(exc, storage.NoSpace)):
                 raise
             log.warning("results part %s not written (%s); the final results.csv will hold its rows", part, exc)
 
@@ -126,6 +149,12 @@ class ResultsWriter:
         return {status: found.get(status, 0) for status in STATUSES}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, str]:
+        """Write ``results.csv``, ``results.parquet`` and ``summary.json`` (in the room held for them).
+
+        Raises:
+            NoSpace: the tables did not fit even so; the message says which of the three files were stored.
+            StorageError: storage refused a file, or stayed unreachable past ``patience_s``.
+        """
         self._write_part()
         frame = to_frame(self.outcomes)
         locations = {
@@ -133,9 +162,22 @@ class ResultsWriter:
             "results_parquet": paths.run_file(self.folder, paths.RESULTS_PARQUET),
             "summary": paths.run_file(self.folder, paths.SUMMARY_FILE),
         }
-        self._write(locations["results_csv"], csv_bytes(frame), "text/csv")
-        self._write(locations["results_parquet"], parquet_bytes(frame), "application/octet-stream")
-        self._write(locations["summary"], json.dumps({**summary, **locations}, indent=2).encode(), "application/json")
+        contents = {
+            "results_csv": (csv_bytes(frame), "text/csv"),
+            "results_parquet": (parquet_bytes(frame), "application/octet-stream"),
+            "summary": (json.dumps({**summary, **locations}, indent=2).encode(), "application/json"),
+        }
+        if storage.is_local(self._reserve):
+            storage.delete(self._reserve)  # its room is the tables'
+        stored: list[str] = []
+        for key, (data, content_type) in contents.items():
+            try:
+                self._write(locations[key], data, content_type)
+            except storage.NoSpace as exc:
+                kept = f"stored: {', '.join(stored)}" if stored else "none of the tables was stored"
+                parts = f"; the rows of {self._parts} chunk(s) are in parts/ where their part was written" if self._parts else ""
+                raise storage.NoSpace(exc.uri, f"{exc.reason}; {kept}{parts}") from None
+            stored.append(Path(locations[key]).name)
         return locations
 
 

@@ -438,3 +438,73 @@ def test_nst_stylize_refuses_to_write_over_one_of_its_inputs(tmp_path, sample_im
         result = _nst("stylize", str(content), str(style), "-o", str(out), "--size", "32", "--iterations", "1", "--weights", "random:0")
         assert result.returncode == 2 and "would be overwritten" in result.stderr, result.stderr
     assert (content.read_bytes(), style.read_bytes()) == before
+
+
+def _manifest(folder: Path, sample_images: Path, header: str = "content_uri,style_uri") -> Path:
+    manifest = folder / "m.csv"
+    manifest.write_text(f"{header}\n{sample_images / 'tubingen.jpg'},{sample_images / 'starry_night.jpg'}\n")
+    return manifest
+
+
+@pytest.mark.parametrize("case", ["output-is-a-file", "output-under-a-file", "manifest-without-a-column"])
+def test_nst_run_explains_a_refusal_in_one_line_without_prefects_traceback(tmp_path, sample_images, case):
+    """Errors nst explains itself (a bad output folder, a manifest it refuses) reach the terminal as its one
+    clear line: no Prefect traceback above it, exit 2."""
+    a_file = tmp_path / "outfile"
+    a_file.write_text("not a folder\n")
+    output = {"output-is-a-file": a_file, "output-under-a-file": a_file / "sub"}.get(case, tmp_path / "out")
+    header = "content_uri,picture" if case == "manifest-without-a-column" else "content_uri,style_uri"
+    manifest = _manifest(tmp_path, sample_images, header)
+    result = _nst("run", str(manifest), "-o", str(output), "--set", "size=32", "--set", "iterations=1", "--set", "weights=random:0")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and 'File "' not in result.stderr, result.stderr
+    clear = [line for line in result.stderr.splitlines() if line.startswith("nst: error:")]
+    assert len(clear) == 1, result.stderr
+    assert ("style_uri" in clear[0]) if case == "manifest-without-a-column" else (str(a_file) in clear[0] and "not a folder" in clear[0])
+    assert a_file.read_text() == "not a folder\n"
+
+
+def test_a_full_disk_still_leaves_the_results_table_and_a_clear_exit(tmp_path, sample_images):
+    """A run whose local output disk fills up (a real 512 KiB tmpfs, mounted in a user namespace): the
+    items that fit succeed, the rest fail with "no space left", and the results table is still there
+    (room for it was held from the start); exit 1 with one clear line, no traceback; no item without its
+    meta.json is reported done."""
+    import csv
+    import shutil
+
+    from PIL import Image
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is not installed: no way to mount a small file system without root")
+    disk, saved = tmp_path / "disk", tmp_path / "saved"
+    disk.mkdir()
+    manifest = tmp_path / "m.csv"
+    rows = [f"r{i},{sample_images / 'tubingen.jpg'},{sample_images / 'starry_night.jpg'},{i}" for i in range(16)]
+    manifest.write_text("id,content_uri,style_uri,seed\n" + "\n".join(rows) + "\n")
+    run = f"{NST} run {manifest} -o {disk}/out --chunk-size 4 --set size=32 --set iterations=2 --set weights=random:0"
+    script = tmp_path / "full.sh"
+    script.write_text(
+        f"mount -t tmpfs -o size=512k tmpfs {disk} || exit 99\n"
+        f"{run} > {tmp_path}/stdout 2> {tmp_path}/stderr; echo $? > {tmp_path}/rc\n"
+        f"cp -a {disk}/out {saved}\n"
+    )
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", str(script)], env=_env(), timeout=600, capture_output=True, text=True)
+    if done.returncode == 99 or not (tmp_path / "rc").exists():
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {done.stderr.strip()[:200]}")
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert int((tmp_path / "rc").read_text()) == 1, stdout + stderr
+    assert "Traceback" not in stderr and "no space left" in stdout + stderr, stderr
+    (run_folder,) = (saved / "runs").iterdir()
+    assert not (run_folder / ".table-reserve").exists()
+    with open(run_folder / "results.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["id"] for r in table] == [f"r{i}" for i in range(16)]
+    by_status = {s: [r for r in table if r["status"] == s] for s in ("succeeded", "failed")}
+    assert len(by_status["succeeded"]) + len(by_status["failed"]) == 16, [r["status"] for r in table]
+    assert by_status["succeeded"] and by_status["failed"], [r["status"] for r in table]
+    assert all("no space left" in r["error"] for r in by_status["failed"]), [r["error"] for r in by_status["failed"]]
+    for row in by_status["succeeded"]:  # done means whole: its metadata and an image that decodes
+        item = saved / "items" / row["item_id"]
+        assert (item / "meta.json").is_file()
+        with Image.open(item / "stylized.png") as image:
+            image.load()

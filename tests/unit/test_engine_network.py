@@ -348,6 +348,26 @@ def test_state_dict_missing_a_tensor_is_refused(fresh_cache, tmp_path):
         network.load_network(str(tmp_path / "short.pth"))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.complex64])
+def test_a_state_dict_of_non_floating_tensors_is_refused_not_loaded_as_zeros(fresh_cache, tmp_path, dtype):
+    """Integer weights (e.g. a float state dict cast with .long()) are almost all 0: loaded, they made a
+    network whose every feature is zero, and every item "succeeded" with a flat loss."""
+    state = {k: (v * 4).to(dtype) if dtype is not torch.complex64 else v.to(dtype) for k, v in make_state_dict(seed=9).items()}
+    path = tmp_path / f"{str(dtype).removeprefix('torch.')}.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError) as info:
+        network.load_network(str(path))
+    message = str(info.value)
+    assert str(path) in message and "conv1_1.weight" in message and str(dtype).removeprefix("torch.") in message
+    assert "floating" in message and "\n" not in message
+
+
+def test_a_half_precision_state_dict_still_loads(fresh_cache, tmp_path):
+    state = {k: v.half() for k, v in make_state_dict(seed=9).items()}
+    torch.save(state, tmp_path / "half.pth")
+    assert_loaded(network.load_network(str(tmp_path / "half.pth")), {k: v.float() for k, v in state.items()})
+
+
 CORRUPT_FILES = {
     # kind: what the one line says (and never torch's own advice to load with weights_only=False)
     "garbage": "not a PyTorch state dict",
