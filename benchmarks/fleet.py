@@ -311,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--items-per-device", type=int, default=12)
-    parser.add_argument("--mean-s", type=float, default=None, help="stand-in mean seconds per item (default: max(1, K/8), what 2 cores can feed)")
+    parser.add_argument("--mean-s", type=float, default=None,
+                        help="stand-in mean seconds per item (default max(1, K/2): on 2 cores the whole simulation, flow, "
+                             "Prefect server, S3 server and every worker's task engine, turns over about 2-4 task runs a second)")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, nargs="+", default=[64])
     parser.add_argument("--real", action="store_true")
     parser.add_argument("--json", default=None)
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 with prefect_test_harness(server_startup_timeout=240):  # one server the flow and the fleet's process share
                     for k in args.workers:
                         for chunk in args.chunk_size:
-                            results.append(run_stand_in(k, args.items_per_device, args.mean_s or max(1.0, k / 8), chunk, "fleet"))
+                            results.append(run_stand_in(k, args.items_per_device, args.mean_s or max(1.0, k / 2), chunk, "fleet"))
                             print(json.dumps(results[-1]), flush=True)
         finally:
             server.stop()
