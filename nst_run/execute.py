@@ -312,14 +312,16 @@ def _compute(works: list[Work], output_uri: str, time_limit_s: float | None, own
     while the device optimises. An item whose inputs cannot be used fails alone."""
     outcomes: dict[str, Outcome] = {}
     batches = optimisation_batches(works, run.batch_size)
+    if not batches:  # every item was held by another run, or done meanwhile
+        return outcomes
     with ThreadPoolExecutor(1, thread_name_prefix="nst-fetch") as fetcher, ThreadPoolExecutor(1, thread_name_prefix="nst-store") as storer:
         stores = []
-        fetching = fetcher.submit(_fetch_batch, batches[0]) if batches else None
+        fetching = fetcher.submit(_fetch_batch, batches[0])
         for later in [*batches[1:], None]:
-            assert fetching is not None
             ready, failed = fetching.result()  # a transient error raises here: the task is retried
             outcomes.update(failed)
-            fetching = fetcher.submit(_fetch_batch, later) if later else None
+            if later is not None:
+                fetching = fetcher.submit(_fetch_batch, later)
             if not ready:
                 continue
             try:
