@@ -577,7 +577,7 @@ def test_fleet_recipes_are_well_formed() -> None:
     assert len({svc["environment"]["NVIDIA_VISIBLE_DEVICES"] for svc in workers.values()}) == len(workers)  # one GPU each
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
     assert all(p.startswith("127.0.0.1:") for svc in services.values() for p in svc.get("ports", []))
-    assert "concurrency-limit create gpu" in services["prefect-init"]["command"][0]
+    assert "gcl create gpu --limit" in services["prefect-init"]["command"][0]  # the limit each optimisation holds
     assert "nst serve --alerts-only" in services["prefect-init"]["command"][0]  # the server-side alerts
     assert all("NST_FAILURE_WEBHOOK" not in svc["environment"] for svc in workers.values())  # the URL stays in the block
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import re
 import struct
 import time
 import tracemalloc
@@ -686,7 +687,9 @@ def test_flow_hostile_cells_paths_and_images(prefect_server, s3_bucket, sample_i
     written = sorted(set(storage.list_prefix(f"s3://{s3_bucket}/")) - before)
     assert written and all(uri.startswith(output + "/") for uri in written), [u for u in written if not u.startswith(output + "/")]
     assert not any("/../" in uri or "/etc" in uri or "outside" in uri for uri in written)
-    assert {uri.removeprefix(output + "/").split("/", 1)[0] for uri in written} == {"items", "runs"}
+    assert {uri.removeprefix(output + "/").split("/", 1)[0] for uri in written} == {"items", "runs", "input-hashes"}
+    records = [uri.removeprefix(output + "/input-hashes/") for uri in written if "/input-hashes/" in uri]
+    assert records and all(re.fullmatch(r"[0-9a-f]{2}/[0-9a-f]{64}\.json", r) for r in records), records  # named by hashes, never by the URIs
 
     # results.csv: formulas neutralised in every cell; the same table in Parquet keeps the values as written.
     raw = storage.read_bytes(summary["results_csv"]).decode()
