@@ -2,11 +2,14 @@
 
 * :class:`DevicePool` (one per process, :data:`DEVICES`): each device lent to one batch at a time, and
   every PyTorch computation on it run on its own long-lived thread.
-* :func:`stylize_items`: lease each item of a batch (:mod:`nst_run.lease`), fetch and verify its
-  inputs, optimise the batch in one go (on out-of-memory: halve, then one by one), judge it
-  (:mod:`nst_core.quality`), write each item's files with ``meta.json`` last, release the leases;
-  then wait for the items another run holds.
-* :func:`auto_batch_size`: how many items of a size the first GPU's free memory holds.
+* :func:`stylize_items`: lease each item of a unit (:mod:`nst_run.lease`), cut it into
+  optimisations (:func:`optimisation_batches`), and run them as a pipeline: the next batch's inputs
+  fetched, verified and decoded (:data:`INPUTS` keeps decoded inputs per process) and the last
+  batch's files written (``meta.json`` last; transient errors retried in place) while the device
+  optimises (on out-of-memory: halve, then one by one) and judges (:mod:`nst_core.quality`);
+  release the leases; then wait for the items another run holds.
+* :func:`auto_batch_size`: how many items of a size this machine's first GPU holds (decided here,
+  where the device is, never by the flow).
 
 Transient storage errors raise, so the caller (a Prefect task, ``tasks.steps``) retries; every other
 failure of an item is returned as a ``failed`` outcome with its reason, so one bad item never stops
