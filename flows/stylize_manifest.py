@@ -2,9 +2,9 @@
 
 Composition: read and validate the manifest, resolve rows to content-addressed
 items chunk by chunk (two chunks ahead), plan units of compatible items, and keep
-a sliding window of task runs in flight (``tasks.steps``): twice what the task
-runner runs at once, the next submitted as any finishes, so no chunk waits for
-its slowest batch. Outcomes go to the results table (``nst_run.results``) as they
+a sliding window of task runs in flight (``tasks.steps``): what the task runner
+runs at once plus one queued per device (:attr:`Capacity.window`), the next
+submitted as any finishes, so no chunk waits for its slowest batch. Outcomes go to the results table (``nst_run.results``) as they
 come, then the report and Prefect artifacts. The work itself is ``nst_run``'s
 plain functions.
 """

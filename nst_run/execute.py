@@ -42,13 +42,12 @@ from nst_core.network import resolve_device
 from nst_core.weights import WeightsSpec
 from nst_run import inputs, items, lease
 from nst_run.paths import ItemPaths
-from nst_run.planning import Outcome, Work, cached_outcome, chunks, item_paths, outcome_for_row
+from nst_run.planning import AUTO_MAX_ITEMS, Outcome, Work, cached_outcome, chunks, item_paths, outcome_for_row
 
 T = TypeVar("T")
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 DeviceSlot = Callable[[], contextlib.AbstractContextManager[Any]]
 log = logging.getLogger(__name__)
-AUTO_MAX_ITEMS = 64  # the most items one automatic batch holds, whatever the memory
 
 
 @dataclass(frozen=True)

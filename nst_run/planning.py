@@ -211,7 +211,7 @@ def chunks(seq: list[Any], size: int) -> list[list[Any]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
-AUTO_MAX_ITEMS = 64  # the most items one task is given with automatic batching
+AUTO_MAX_ITEMS = 64  # the most items one task is given, or one optimisation holds, with automatic batching
 
 
 def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: int = 1) -> list[list[Work]]:
