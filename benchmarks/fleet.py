@@ -3,17 +3,24 @@
     .venv/bin/python benchmarks/fleet.py                          # stand-in engine, K = 1, 4, 16, 64
     .venv/bin/python benchmarks/fleet.py --workers 4 --chunk-size 8
     .venv/bin/python benchmarks/fleet.py --real --workers 2       # the real engine, 2 worker processes
+    .venv/bin/python benchmarks/fleet.py --workers 4 16 --order manifest cost   # against manifest order
 
 **Stand-in mode** (the default) simulates a GPU fleet on this machine: a dask ``LocalCluster`` of K
 workers (threads of this process, ``--nthreads 2 --resources GPU=1`` each, as the README starts
 them), the real flow, the real Prefect server, real storage I/O against a local SeaweedFS server,
-and ``STAND_IN_ENGINE`` in place of the optimisation: it holds its worker's one device for a
-long-tailed (log-normal) time per item and returns a small real image, so everything around the
-engine (leases, fetches, uploads, the results table, the report) is the real code. The stand-in
+and ``STAND_IN_ENGINE`` in place of the optimisation: it holds its worker's one device for a time
+per item and returns a small real image, so everything around the engine (leases, fetches, uploads,
+the results table, the report) is the real code. The times are long-tailed the way real ones are:
+each row asks for a log-normal number of iterations (median 40, p99 about 4x), which the flow sees,
+and each item stops early at a fraction of them (uniform 0.6 to 1) which nobody knows in advance. The stand-in
 exists only in this benchmark; every test of the engine runs the real VGG-19.
 
 **Real mode** (``--real``) is the issue's measurement: 2 single-threaded-torch worker processes,
-24 rows where every 8th has 150 iterations and the rest 10, 64 px, ``--chunk-size 8 --batch-size 1``.
+24 rows where every 8th has 150 iterations and the rest 10, 64 px, ``--chunk-size 8 --batch-size 1``;
+the busy time is each worker's time inside the real ``_optimise_and_judge`` (recorded by a worker plugin).
+
+``--order manifest cost`` runs the baseline (units dispatched in manifest order) and the flow as it
+is (the costliest first, :func:`nst_run.planning.costliest_first`) one after the other in the same run.
 
 Reported per K: the busy fraction (time devices spent optimising / (K x the span from the first
 optimisation's start to the last one's end)), the same over the flow's whole wall time, and the
@@ -25,7 +32,9 @@ in flight.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -42,7 +51,24 @@ sys.path.insert(0, str(REPO / "tests"))
 import nst_samples  # noqa: E402
 
 SAMPLES = nst_samples.folder()
-SIGMA = 0.6  # log-normal spread of the stand-in's durations: p99 is about 4x the median
+SIGMA = 0.6  # log-normal spread of the stand-in rows' iterations: p99 is about 4x the median
+MEDIAN_ITERATIONS = 40
+EARLY_STOP = (0.6, 1.0)  # the fraction of its iterations an item runs before it converges: not known in advance
+
+
+def stand_in_iterations(rows: int) -> list[int]:
+    """Each stand-in row's ``iterations`` (a manifest column the flow sees): log-normal, seeded by the row."""
+    out = []
+    for i in range(rows):
+        u = ((int(hashlib.sha256(f"row{i}".encode()).hexdigest()[:8], 16) % 10_000) + 0.5) / 10_000
+        out.append(max(1, round(MEDIAN_ITERATIONS * math.exp(SIGMA * math.sqrt(2) * _erfinv(2 * u - 1)))))
+    return out
+
+
+def early_stop_fraction(item_id: str) -> float:
+    """Where a stand-in item stops, as a fraction of its iterations: uniform over EARLY_STOP, seeded by the item."""
+    u = ((int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16) % 10_000) + 0.5) / 10_000
+    return EARLY_STOP[0] + (EARLY_STOP[1] - EARLY_STOP[0]) * u
 
 
 class Busy:
@@ -73,9 +99,11 @@ class Busy:
         }  # fmt: skip
 
 
-def stand_in_engine(busy: Busy, mean_s: float):  # type: ignore[no-untyped-def]
+def stand_in_engine(busy: Busy, s_per_iteration: float):  # type: ignore[no-untyped-def]
     """STAND_IN_ENGINE: replaces ``nst_run.execute._run_batch`` (device held, optimise, judge): holds the
-    calling dask worker's device (one lock per worker) for a log-normal time per item, seeded by the item."""
+    calling dask worker's device (one lock per worker) for ``s_per_iteration`` times the row's iterations
+    times where it stops early (:func:`early_stop_fraction`) per item, as the real engine's time follows
+    the work a row asks for and where its optimisation converges."""
     import torch
 
     from nst_core.engine import StyleResult
@@ -92,10 +120,7 @@ def stand_in_engine(busy: Busy, mean_s: float):  # type: ignore[no-untyped-def]
         results = []
         with lock, hold_device():
             for work, _loaded in batch:
-                seed = int(hashlib.sha256(work.item_id.encode()).hexdigest()[:8], 16)
-                u = ((seed % 10_000) + 0.5) / 10_000
-                z = math.sqrt(2) * _erfinv(2 * u - 1)
-                duration = mean_s * math.exp(SIGMA * z - SIGMA**2 / 2)
+                duration = s_per_iteration * work.row.params.iterations * early_stop_fraction(work.item_id)
                 start = time.perf_counter()
                 time.sleep(duration)
                 busy.add(name, start, time.perf_counter())
@@ -148,6 +173,20 @@ class DispatchClock:
         return real
 
 
+@contextlib.contextmanager
+def dispatch_order(order: str):  # type: ignore[no-untyped-def]
+    """``cost``: the flow as it is (costliest units first); ``manifest``: the baseline, units in manifest order."""
+    from flows import stylize_manifest as module
+
+    real = module.costliest_first
+    if order == "manifest":
+        module.costliest_first = list
+    try:
+        yield
+    finally:
+        module.costliest_first = real
+
+
 def write_manifest(bucket: str, rows: int, iterations: list[int] | None = None) -> str:
     from nst_core import storage
 
@@ -164,7 +203,7 @@ def write_manifest(bucket: str, rows: int, iterations: list[int] | None = None) 
     return uri
 
 
-def serve_stand_in_fleet(k: int, mean_s: float, intervals_path: str, scheduler: str | None = None) -> None:
+def serve_stand_in_fleet(k: int, s_per_iteration: float, intervals_path: str, scheduler: str | None = None) -> None:
     """In a child process: ``k`` dask workers (threads) running STAND_IN_ENGINE, with their own scheduler
     (its address printed) or joining ``scheduler``; serves until stdin closes, then writes the
     devices' busy intervals to ``intervals_path``.
@@ -178,7 +217,7 @@ def serve_stand_in_fleet(k: int, mean_s: float, intervals_path: str, scheduler: 
     import nst_run.execute as execute
 
     busy = Busy()
-    execute._run_batch = stand_in_engine(busy, mean_s)
+    execute._run_batch = stand_in_engine(busy, s_per_iteration)
     bodies: list[tuple[float, float, int]] = []
     real_body = execute.stylize_items
 
@@ -223,13 +262,15 @@ def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, 
     clock = DispatchClock()
     real_next = clock.install()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or ""}
+    iterations = stand_in_iterations(k * items_per_device)
+    s_per_iteration = mean_s / (sum(iterations) / len(iterations) * sum(EARLY_STOP) / 2)  # items average mean_s
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [min(WORKERS_PER_PROCESS, k - i) for i in range(0, k, WORKERS_PER_PROCESS)]
         paths = [str(Path(tmp) / f"intervals-{i}.json") for i in range(len(sizes))]
         fleets: list[subprocess.Popen[str]] = []
 
         def start(size: int, path: str, scheduler: str | None) -> subprocess.Popen[str]:
-            code = f"import fleet; fleet.serve_stand_in_fleet({size}, {mean_s}, {path!r}, {scheduler!r})"
+            code = f"import fleet; fleet.serve_stand_in_fleet({size}, {s_per_iteration}, {path!r}, {scheduler!r})"
             return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -241,7 +282,7 @@ def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, 
                 fleets.append(start(size, path, address))
             for extra in fleets[1:]:
                 assert extra.stdout is not None and extra.stdout.readline().strip() == "ready"
-            manifest = write_manifest(bucket, k * items_per_device)
+            manifest = write_manifest(bucket, k * items_per_device, iterations)
             start_s = time.perf_counter()
             state = on_dask(address)(
                 manifest_uri=manifest, output_uri=f"s3://{bucket}/out-{k}-{chunk_size}-{time.time_ns()}",
@@ -266,9 +307,9 @@ def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, 
         if os.environ.get("FLEET_DEBUG"):
             t0 = min(b[0] for b in bodies)
             for b in sorted(bodies):
-                print(f"body {b[0]-t0:7.2f} -> {b[1]-t0:7.2f}  items {b[2]}")
+                print(f"body {b[0] - t0:7.2f} -> {b[1] - t0:7.2f}  items {b[2]}")
             for name, s0, e0 in sorted(busy.intervals, key=lambda i: i[1]):
-                print(f"device {name} {s0-t0:7.2f} -> {e0-t0:7.2f}")
+                print(f"device {name} {s0 - t0:7.2f} -> {e0 - t0:7.2f}")
     done = summary["counts"]["succeeded"]
     figures = {"devices": k, "items": done, "chunk_size": chunk_size, "mean_item_s": mean_s, "wall_s": wall, **busy.figures(k, wall)}
     figures["dispatch_items_per_s"] = done / clock.own_s
@@ -281,7 +322,7 @@ def run_real(workers: int, chunk_size: int, bucket: str) -> dict[str, float]:
     import io
 
     import pandas as pd
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
     from prefect.settings import PREFECT_API_URL
 
     from flows.stylize_manifest import on_dask
@@ -293,7 +334,11 @@ def run_real(workers: int, chunk_size: int, bucket: str) -> dict[str, float]:
     iterations = [150 if i % 8 == 0 else 10 for i in range(24)]
     manifest = write_manifest(bucket, 24, iterations)
     output = f"s3://{bucket}/real-{time.time_ns()}"
-    with LocalCluster(n_workers=workers, threads_per_worker=2, processes=True, resources={"GPU": 1}, dashboard_address=None) as cluster:
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(n_workers=workers, threads_per_worker=2, processes=True,
+                                                           resources={"GPU": 1}, dashboard_address=None) as cluster:  # fmt: skip
+        intervals = Path(tmp) / "intervals.jsonl"
+        with Client(cluster) as client:
+            client.register_plugin(record_optimisations(str(intervals)))
         start = time.perf_counter()
         state = on_dask(cluster.scheduler_address)(
             manifest_uri=manifest, output_uri=output, chunk_size=chunk_size, batch_size=1, retries=0, return_state=True,
@@ -301,10 +346,41 @@ def run_real(workers: int, chunk_size: int, bucket: str) -> dict[str, float]:
         )  # fmt: skip
         wall = time.perf_counter() - start
         summary = state.result()
+        busy = Busy()
+        busy.intervals = [tuple(json.loads(line)) for line in intervals.read_text().splitlines()]  # type: ignore[misc]
     table = pd.read_csv(io.BytesIO(storage.read_bytes(summary["results_csv"])))
     optimising = sum(float(json.loads(storage.read_bytes(f"{output}/items/{item}/meta.json"))["wall_time_s"]) for item in table["item_id"])
+    if os.environ.get("FLEET_DEBUG"):
+        t0 = min(s for _, s, _ in busy.intervals)
+        for name, s0, e0 in sorted(busy.intervals, key=lambda i: i[1]):
+            print(f"device {name} {s0 - t0:7.2f} -> {e0 - t0:7.2f}")
     return {"workers": workers, "items": int(summary["counts"]["succeeded"]), "chunk_size": chunk_size, "wall_s": wall,
-            "optimising_s": optimising, "busy_fraction_of_wall": optimising / (workers * wall)}  # fmt: skip
+            "optimising_s": optimising, **busy.figures(workers, wall)}  # fmt: skip
+
+
+def record_optimisations(path: str):  # type: ignore[no-untyped-def]
+    """A dask worker plugin for ``--real``: wraps the real ``nst_run.execute._optimise_and_judge`` (on the
+    device's thread, the device held) on each worker to append (worker, start, end) in wall-clock seconds to a file."""
+
+    from distributed import WorkerPlugin
+
+    class RecordOptimisations(WorkerPlugin):
+        def setup(self, worker) -> None:  # type: ignore[no-untyped-def]
+            import nst_run.execute as execute
+
+            real, name = execute._optimise_and_judge, str(worker.name)
+
+            def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+                start = time.time()
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    with open(path, "a") as out:  # one short line per write: appends from processes do not interleave
+                        out.write(json.dumps([name, start, time.time()]) + "\n")
+
+            execute._optimise_and_judge = timed
+
+    return RecordOptimisations()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="stand-in mean seconds per item (default max(1, K/2): on 2 cores the whole simulation, flow, "
                              "Prefect server, S3 server and every worker's task engine, turns over about 2-4 task runs a second)")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, nargs="+", default=[64])
+    parser.add_argument("--order", nargs="+", choices=["cost", "manifest"], default=["cost"],
+                        help="dispatch order: the flow's (cost: costliest first) and/or the baseline (manifest order), in the same run")  # fmt: skip
     parser.add_argument("--real", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -336,17 +414,17 @@ def main(argv: list[str] | None = None) -> int:
                 from prefect.testing.utilities import prefect_test_harness
 
                 with prefect_test_harness(server_startup_timeout=240):
-                    for workers in args.workers:
-                        for chunk in args.chunk_size:
-                            results.append(run_real(workers, chunk, "fleet"))
+                    for workers, chunk, order in itertools.product(args.workers, args.chunk_size, args.order):
+                        with dispatch_order(order):
+                            results.append({"order": order, **run_real(workers, chunk, "fleet")})
                             print(json.dumps(results[-1]), flush=True)
             else:
                 from prefect.testing.utilities import prefect_test_harness
 
                 with prefect_test_harness(server_startup_timeout=240):  # one server the flow and the fleet's process share
-                    for k in args.workers:
-                        for chunk in args.chunk_size:
-                            results.append(run_stand_in(k, args.items_per_device, args.mean_s or max(1.0, k / 2), chunk, "fleet"))
+                    for k, chunk, order in itertools.product(args.workers, args.chunk_size, args.order):
+                        with dispatch_order(order):
+                            results.append({"order": order, **run_stand_in(k, args.items_per_device, args.mean_s or max(1.0, k / 2), chunk, "fleet")})
                             print(json.dumps(results[-1]), flush=True)
         finally:
             server.stop()

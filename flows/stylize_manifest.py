@@ -38,7 +38,17 @@ from nst_run import paths
 from nst_run.execute import DEVICES, release_failed_leases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
-from nst_run.planning import DispatchPace, ItemsInFlight, Outcome, Work, chunks, outcome_for_invalid, outcome_for_row, plan_units
+from nst_run.planning import (
+    DispatchPace,
+    ItemsInFlight,
+    Outcome,
+    Work,
+    chunks,
+    costliest_first,
+    outcome_for_invalid,
+    outcome_for_row,
+    plan_units,
+)
 from nst_run.results import ResultsWriter, run_name
 from tasks.steps import build_run_report, device_limit_exists, read_manifest, resolve_items, stylize_items
 
@@ -310,7 +320,7 @@ def stylize_manifest(
             if (min_items := pace.min_items(capacity.devices)) != unit_floor:
                 unit_floor = min_items
                 logger.info("units of at least %d item(s): %.2f s of the flow's time per unit, %.2f s per item", min_items, pace.cost_s, pace.item_s)
-            units.extend(plan_units(new, batch_size, devices, min_items))
+            units = collections.deque(costliest_first([*units, *plan_units(new, batch_size, devices, min_items)]))
             settle(known)  # cached rows and inputs that could not be read
             continue
         try:

@@ -5,6 +5,7 @@
 * :func:`resolve_items`: identify each row's inputs (each distinct URI once; :mod:`nst_run.inputs`),
   compute ``item_id``, see whether the item is already done (``meta.json`` present: ``cached``).
 * :func:`plan_units`: compatible items (same parameters and sizes) in the units tasks compute;
+  :func:`costliest_first` the order they are dispatched in (by :func:`unit_cost`);
   :class:`ItemsInFlight` the rows waiting on each item; :func:`for_row` the outcome of each row
   from the computation it shares.
 
@@ -240,6 +241,29 @@ def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: 
             size = min(AUTO_MAX_ITEMS, max(min_items, math.ceil(len(group) / max(1, devices))))
         units += chunks(group, max(1, size))
     return units
+
+
+def unit_cost(unit: list[Work]) -> float:
+    """A unit's expected optimisation cost, in pixel-iterations: each item's iterations at each stage times
+    that stage's pixels (an iteration's convolutions scale with the pixels). Items whose size is unknown
+    count as square. Only the order of units depends on it; early stopping makes it an upper bound."""
+    cost = 0.0
+    for work in unit:
+        width, height = work.content_size or (1, 1)
+        for side, iterations in work.row.params.stages:
+            fitted = images.fitted_size(width, height, side)
+            cost += iterations * fitted[0] * fitted[1]
+    return cost
+
+
+def costliest_first(units: list[list[Work]]) -> list[list[Work]]:
+    """Units in dispatch order, the costliest first (stable for equal costs: manifest order).
+
+    The run's last units decide how long devices wait for the slowest one; dispatching the long ones
+    early and the short ones last (longest-processing-time first, Graham 1969) leaves the short ones
+    to fill the devices' ends. Applied to the units waiting for a device, which the flow keeps to the
+    resolve-ahead window, so rows are reordered only within a few chunks."""
+    return sorted(units, key=unit_cost, reverse=True)
 
 
 @dataclass

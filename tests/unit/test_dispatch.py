@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from nst_core.params import StyleParams
 from nst_run.manifest import RowSpec
-from nst_run.planning import AUTO_MAX_ITEMS, DispatchPace, ItemsInFlight, Outcome, Work, plan_units
+from nst_run.planning import AUTO_MAX_ITEMS, DispatchPace, ItemsInFlight, Outcome, Work, costliest_first, plan_units, unit_cost
 
 
-def _work(i: int, item: str | None = None, size: tuple[int, int] = (400, 300)) -> Work:
-    row = RowSpec(row=i, id=f"r{i}", content_uri="c.jpg", style_uri="s.jpg", params=StyleParams(size=64, weights="random:0"))
+def _work(i: int, item: str | None = None, size: tuple[int, int] = (400, 300), **params: object) -> Work:
+    style = StyleParams(**{"size": 64, "weights": "random:0", **params})  # type: ignore[arg-type]
+    row = RowSpec(row=i, id=f"r{i}", content_uri="c.jpg", style_uri="s.jpg", params=style)
     return Work(row, item or f"{i:064x}", {"content": "a", "style": "b"}, "random:0", content_size=size)
 
 
@@ -47,3 +48,13 @@ def test_rows_of_an_item_in_flight_join_it_and_all_get_its_outcome() -> None:
     settled = flight.settle([done])
     assert [(o.row, o.status, o.iterations) for o in settled] == [(1, "succeeded", 7), (3, "succeeded", 7)]
     assert len(flight) == 1 and flight.settle([done]) == []
+
+
+def test_the_costliest_units_are_dispatched_first_so_short_ones_fill_the_devices_ends() -> None:
+    short, long_, big = _work(0, iterations=10), _work(1, iterations=150), _work(2, iterations=10, size=(1600, 1200))
+    assert unit_cost([long_]) == 150 * 64 * 48 and unit_cost([short, short]) == 2 * unit_cost([short])
+    assert unit_cost([big]) == unit_cost([short])  # what counts is the size it is optimised at
+    coarse_to_fine = _work(4, iterations=10, scales=(0.5, 1.0))  # the coarse stage adds its own pixels
+    assert unit_cost([coarse_to_fine]) == 10 * (32 * 24 + 64 * 48)
+    order = costliest_first([[short], [long_], [big], [short, short], [coarse_to_fine]])
+    assert [[w.row.row for w in u] for u in order] == [[1], [0, 0], [4], [0], [2]]  # equal costs keep their order
