@@ -56,7 +56,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import nst_samples  # noqa: E402
-from nst_core import engine as nst_engine  # noqa: E402
 from nst_core import (  # noqa: E402
     execution,  # noqa: E402
     images,
@@ -380,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             time_engine(content, style, size, 2, device)  # also makes the engine's execution choice for this shape
             if not args.skip_reference:
                 time_reference(content, style, size, 2, device)
-        shape = [1, 3, *nst_engine.output_size(content, size)]
+        width, height = images.fitted_size(*content.size, size)  # the size the engine optimises at
+        shape = [1, 3, height, width]
         before = time_trunks(shape, device)
         steady = time_engine(content, style, size, args.iterations, device, args.steady)
         # The trunk timed before and after the engine, the faster kept: a machine whose load drifts
