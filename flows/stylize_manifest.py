@@ -308,8 +308,10 @@ def stylize_manifest(
             own_s += time.perf_counter() - submitting
         if not window and not resolving:
             break
-        # A new chunk is taken in only while few units wait: what is planned but not submitted stays bounded.
-        wanted = resolving[0] if resolving and len(units) < capacity.window else None
+        # A new chunk is taken in only while at most a window and two chunks of units wait: what is planned
+        # but not submitted stays bounded, and the costliest of that many go first (costliest_first), so a
+        # long item two chunks on starts early rather than last, beside short ones that fill the tail.
+        wanted = resolving[0] if resolving and len(units) < capacity.window + RESOLVE_AHEAD * chunk_size else None
         finished, unit = window.next_done(also=wanted)
         collecting = time.perf_counter()
         if finished is wanted:
