@@ -229,6 +229,9 @@ def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: 
             unit (a CPU: batching does not speed it up, and smaller units show progress sooner).
         min_items: the fewest items a unit may hold so the flow can dispatch fast enough
             (:meth:`DispatchPace.min_items`); never more than :data:`AUTO_MAX_ITEMS` with automatic batching.
+            Groups smaller than that (rows of other sizes or parameters: often each its own) are packed
+            together into units of at least ``min_items``: the worker still optimises each group on its
+            own (:func:`nst_run.execute.optimisation_batches`), but the flow pays for one task run.
     """
     groups: dict[tuple[object, ...], list[Work]] = {}
     for work in works:
@@ -240,7 +243,20 @@ def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: 
         else:
             size = min(AUTO_MAX_ITEMS, max(min_items, math.ceil(len(group) / max(1, devices))))
         units += chunks(group, max(1, size))
-    return units
+    floor = min_items if batch_size else min(min_items, AUTO_MAX_ITEMS)
+    if floor <= 1:
+        return units
+    packed, small = [u for u in units if len(u) >= floor], [u for u in units if len(u) < floor]
+    current: list[Work] = []
+    for unit in small:
+        if current and not batch_size and len(current) + len(unit) > AUTO_MAX_ITEMS:
+            packed.append(current)
+            current = []
+        current += unit
+        if len(current) >= floor:
+            packed.append(current)
+            current = []
+    return packed + ([current] if current else [])
 
 
 def unit_cost(unit: list[Work]) -> float:

@@ -58,3 +58,14 @@ def test_the_costliest_units_are_dispatched_first_so_short_ones_fill_the_devices
     assert unit_cost([coarse_to_fine]) == 10 * (32 * 24 + 64 * 48)
     order = costliest_first([[short], [long_], [big], [short, short], [coarse_to_fine]])
     assert [[w.row.row for w in u] for u in order] == [[1], [0, 0], [4], [0], [2]]  # equal costs keep their order
+
+
+def test_items_of_different_shapes_are_packed_together_when_the_flow_needs_bigger_units() -> None:
+    works = [_work(i, iterations=10 + i) for i in range(10)]  # ten batch keys: each its own group
+    assert [len(u) for u in plan_units(works, 0, devices=4)] == [1] * 10  # no pressure: one task run each
+    units = plan_units(works, 0, devices=4, min_items=4)
+    assert [len(u) for u in units] == [4, 4, 2]  # the flow pays for three task runs, not ten
+    assert sorted(w.row.row for u in units for w in u) == list(range(10))  # each item once
+    big = [_work(100 + i) for i in range(8)]  # one group of 8 stays whole; the odd ones are packed
+    units = plan_units(big + works[:3], 0, devices=1, min_items=3)
+    assert sorted(len(u) for u in units) == [3, 8]
