@@ -286,11 +286,16 @@ def _read_json(uri: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _read_history(uri: str) -> list[dict[str, float]]:
+def _read_curve(uri: str) -> str:
+    """The loss curve of ``loss.csv`` at ``uri`` as :func:`loss_svg` draws it (a missing or unreadable file: no curve).
+
+    Only the drawing is kept: the history's points (a dict and floats each) live no longer than this call.
+    """
     try:
-        return read_loss_csv(storage.read_bytes(uri))
+        history = read_loss_csv(storage.read_bytes(uri))
     except (storage.StorageError, ValueError):
-        return []
+        history = []
+    return loss_svg(history)
 
 
 def _builtin_defaults() -> dict[str, Any]:
@@ -456,10 +461,10 @@ class _RunView:
         return links
 
     def row(
-        self, index: int, row: dict[str, Any], meta: dict[str, Any] | None, history: list[dict[str, float]],
+        self, index: int, row: dict[str, Any], meta: dict[str, Any] | None, curve: str,
         found: dict[str, str | None], decisions: dict[str, list[Decision]],
     ) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
-        """(index entry, card) of the ``index``-th row; ``meta``/``history``: its item's, when it has an output image."""
+        """(index entry, card) of the ``index``-th row; ``meta``/``curve``: its item's (:func:`_read_curve`), when it has an output image."""
         item = str(row.get("item_id") or "")
         params = (meta or {}).get("params") or {}
         status = str(row.get("status") or "")
@@ -503,7 +508,7 @@ class _RunView:
             "index": index, "row": row.get("row"), "id": row.get("id"), "status": status, "item": item,
             "verdict": row_verdict if row_verdict != "undecided" else "",
             "figures": figures if status != "invalid" else [],
-            "meta": bool(meta), "curve": Markup(loss_svg(history)) if meta else "",
+            "meta": bool(meta), "curve": Markup(curve) if meta else "",
             "judge": quality.get("judge_weights"), "sd": fmt_num(sd, 3), "cd": fmt_num(cd, 3), "total": fmt_num(total, 4),
             "content": fmt_num(finite_number(losses.get("content")), 3), "style": fmt_num(finite_number(losses.get("style")), 3),
             "time": fmt_duration(duration), "chips": chips,
@@ -596,16 +601,16 @@ class _Pages:
             self._flush()
 
 
-def _load_items(pool: ThreadPoolExecutor, run: Run, rows: list[dict[str, Any]], history: bool) -> dict[str, tuple[dict[str, Any] | None, list[dict[str, float]]]]:
-    """``meta.json`` (and ``loss.csv`` when ``history``) of the items of these rows that have an output image."""
+def _load_items(pool: ThreadPoolExecutor, run: Run, rows: list[dict[str, Any]], curves: bool) -> dict[str, tuple[dict[str, Any] | None, str]]:
+    """``meta.json`` (and, when ``curves``, the loss curve drawn from ``loss.csv``) of the items of these rows that have an output image."""
     items = sorted({str(r["item_id"]) for r in rows if r.get("status") in DONE_STATUSES and r.get("item_id")})
 
-    def load(item: str) -> tuple[str, tuple[dict[str, Any] | None, list[dict[str, float]]]]:
+    def load(item: str) -> tuple[str, tuple[dict[str, Any] | None, str]]:
         folder = run.item_folder(item)
         if folder is None:
-            return item, (None, [])
+            return item, (None, "")
         meta = _read_json(storage.join(folder, paths.META_FILE))
-        return item, (meta, _read_history(storage.join(folder, paths.LOSS_CSV)) if history and meta is not None else [])
+        return item, (meta, _read_curve(storage.join(folder, paths.LOSS_CSV)) if curves and meta is not None else "")
 
     return dict(pool.map(load, items))
 
@@ -654,9 +659,9 @@ def build_report(
     facts = _RunFacts(verdict_of)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for rows in iter_rows(run, batch_rows):
-            loaded = _load_items(pool, run, rows, history=False)
+            loaded = _load_items(pool, run, rows, curves=False)
             for row in rows:
-                facts.add(row, loaded.get(str(row.get("item_id") or ""), (None, []))[0] if row.get("status") in DONE_STATUSES else None)
+                facts.add(row, loaded.get(str(row.get("item_id") or ""), (None, ""))[0] if row.get("status") in DONE_STATUSES else None)
         view = _RunView(run, facts, verdict_of, dest)
         thumbs = _Thumbs(dest)
         files = _DataFiles(dest)
@@ -666,12 +671,12 @@ def build_report(
         index = _Pages("index", files, _script_json, rows=max(1, facts.total), max_bytes=max_file_bytes, first_rows=max(1, facts.total), first_bytes=quarter)
         position = 0
         for rows in iter_rows(run, batch_rows):
-            loaded = _load_items(pool, run, rows, history=True)
+            loaded = _load_items(pool, run, rows, curves=True)
             metas = {item: meta for item, (meta, _) in loaded.items() if meta is not None}
             for row, found in zip(rows, pool.map(functools.partial(_thumbs_of, thumbs, run, metas), rows), strict=True):
                 item = str(row.get("item_id") or "")
-                meta, history = loaded.get(item, (None, [])) if row.get("status") in DONE_STATUSES else (None, [])
-                entry, card = view.row(position, row, meta, history, found, decisions)
+                meta, curve = loaded.get(item, (None, "")) if row.get("status") in DONE_STATUSES else (None, "")
+                entry, card = view.row(position, row, meta, curve, found, decisions)
                 index.add(position, entry)
                 cards.add(position, str(_card_macro()(card)))
                 position += 1
