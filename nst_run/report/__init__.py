@@ -39,6 +39,7 @@ keep/reject on the cards and save the marks as a file for
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import functools
 import hashlib
@@ -48,9 +49,12 @@ import json
 import math
 import os
 import re
+import sqlite3
+import tempfile
+import threading
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
@@ -89,6 +93,8 @@ _DATA_NAME = re.compile(r"^(cards|index)-[0-9a-f]{20}\.js$")
 INDEX_ITEM_CHARS = 12
 # At most this many values of one parameter are offered as filters (all of them sort).
 MAX_FILTER_VALUES = 200
+# SQLite's page cache for the build's per-item bookkeeping (:class:`_Scratch`), in KiB.
+SCRATCH_CACHE_KIB = 2048
 
 
 # --------------------------------------------------------------------------- values
@@ -148,6 +154,74 @@ def _script_json(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
+# --------------------------------------------------------------------------- per-item bookkeeping
+
+
+class _Scratch:
+    """The build's bookkeeping per item (items seen, device seconds, thumbnails present), in SQLite in a temporary folder.
+
+    Held in Python sets and dicts it cost some 0.3 KB per row, the part of the build's memory that grew
+    with any row count; on disk, behind SQLite's page cache (SCRATCH_CACHE_KIB), it does not. One
+    connection, one lock: the build's threads may share it.
+    """
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="nst-report-")
+        self._db = sqlite3.connect(os.path.join(self._folder.name, "scratch.sqlite"), isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{SCRATCH_CACHE_KIB}"):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._lock = threading.Lock()
+        self._tables = 0
+
+    def keys(self) -> _Keys:
+        """A new, empty set of keys (each with a number)."""
+        with self._lock:
+            self._tables += 1
+            table = f"keys{self._tables}"
+            self._db.execute(f"CREATE TABLE {table} (key TEXT PRIMARY KEY, value REAL) WITHOUT ROWID")
+        return _Keys(self, table)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Any) -> None:
+        with self._lock:
+            self._db.executemany(sql, rows)
+
+    def close(self) -> None:
+        self._db.close()
+        self._folder.cleanup()
+
+
+class _Keys:
+    """A set of strings on disk (:class:`_Scratch`), each with a number: what ``set`` and ``dict[str, float]`` did."""
+
+    def __init__(self, scratch: _Scratch, table: str):
+        self._scratch, self._table = scratch, table
+
+    def add(self, key: str) -> bool:
+        """Add ``key``; True when it was not there yet."""
+        return self._scratch.execute(f"INSERT OR IGNORE INTO {self._table} (key) VALUES (?)", key).rowcount == 1
+
+    def update(self, keys: Iterable[str]) -> None:
+        self._scratch.executemany(f"INSERT OR IGNORE INTO {self._table} (key) VALUES (?)", ((k,) for k in keys))
+
+    def put(self, key: str, value: float) -> None:
+        """Set ``key``'s number (a later one replaces an earlier one)."""
+        self._scratch.execute(f"INSERT OR REPLACE INTO {self._table} (key, value) VALUES (?, ?)", key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return self._scratch.execute(f"SELECT 1 FROM {self._table} WHERE key = ?", key).fetchone() is not None
+
+    def __len__(self) -> int:
+        return int(self._scratch.execute(f"SELECT count(*) FROM {self._table}").fetchone()[0])
+
+    def total(self) -> float:
+        """The sum of the keys' numbers."""
+        return float(self._scratch.execute(f"SELECT total(value) FROM {self._table}").fetchone()[0])
+
+
 # --------------------------------------------------------------------------- thumbnails
 
 
@@ -167,13 +241,14 @@ def thumbnail_bytes(data: bytes, max_side: int, name: str = "image", max_pixels:
 class _Thumbs:
     """Makes the thumbnails a report needs, once each, into ``{dest}/thumbs/``."""
 
-    def __init__(self, dest: str):
+    def __init__(self, dest: str, scratch: _Scratch):
         self.dest = dest
         prefix = storage.join(dest, THUMBS_DIR) + "/"
+        self.present = scratch.keys()  # thumbnail names: one per output image, so on disk
         try:
-            self.present = {u.rsplit("/", 1)[-1] for u in storage.list_prefix(prefix)}
+            self.present.update(u.rsplit("/", 1)[-1] for u in storage.list_prefix(prefix))
         except storage.StorageError:
-            self.present = set()
+            pass
 
     def _write(self, name: str, source_uri: str, max_side: int, data: bytes | None = None) -> str | None:
         rel = f"{THUMBS_DIR}/{name}"
@@ -324,16 +399,16 @@ class _RunFacts:
     bounded by the run's distinct values, never by its rows' contents: no row, meta.json or card is kept.
     """
 
-    def __init__(self, verdict_of: dict[str, str]) -> None:
+    def __init__(self, verdict_of: dict[str, str], scratch: _Scratch) -> None:
         self.verdict_of = verdict_of
         self.total = 0
         self.counts: Counter[str] = Counter()
-        # Items are kept as hash(item id) only (a 64-bit int, not a 64-character string): memory per row stays small.
-        self.items: set[int] = set()  # items of the rows with an output image
+        # Per item, so on disk (:class:`_Scratch`): the rest is bounded by the run's distinct values.
+        self.items = scratch.keys()  # items of the rows with an output image
         self.verdicts: Counter[str] = Counter()  # each of those items' verdict
         self.every: dict[str, Counter[str]] = {}  # each parameter's values over the run's items (canonical JSON)
         self.blank: dict[str, Counter[str]] = {}  # the same, over the items whose row left the parameter blank
-        self.computed: dict[int, float] = {}  # device seconds of each item this run computed
+        self.computed = scratch.keys()  # device seconds of each item this run computed
         self.devices: Counter[str] = Counter()
         self.weights: Counter[str] = Counter()
         self.judges: Counter[str] = Counter()
@@ -353,10 +428,9 @@ class _RunFacts:
             self.style_labels.setdefault(style, _basename(style))
             self.style_rows[style] += 1
         if status == "succeeded" and item:
-            self.computed[hash(item)] = finite_number((meta or {}).get("wall_time_s")) or finite_number(row.get("duration_s")) or 0.0
-        if status not in DONE_STATUSES or not item or hash(item) in self.items:
+            self.computed.put(item, finite_number((meta or {}).get("wall_time_s")) or finite_number(row.get("duration_s")) or 0.0)
+        if status not in DONE_STATUSES or not item or not self.items.add(item):
             return
-        self.items.add(hash(item))
         self.verdicts[self.verdict_of.get(item, "undecided")] += 1
         if meta is None:
             return
@@ -656,14 +730,14 @@ def build_report(
     dest = str(dest_uri).rstrip("/") or str(dest_uri) if dest_uri else run.folder
     decisions = load_decisions(run, workers=workers)
     verdict_of = {item: verdict(ds) for item, ds in decisions.items()}
-    facts = _RunFacts(verdict_of)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with contextlib.closing(_Scratch()) as scratch, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        facts = _RunFacts(verdict_of, scratch)
         for rows in iter_rows(run, batch_rows):
             loaded = _load_items(pool, run, rows, curves=False)
             for row in rows:
                 facts.add(row, loaded.get(str(row.get("item_id") or ""), (None, ""))[0] if row.get("status") in DONE_STATUSES else None)
         view = _RunView(run, facts, verdict_of, dest)
-        thumbs = _Thumbs(dest)
+        thumbs = _Thumbs(dest, scratch)
         files = _DataFiles(dest)
         quarter = max(1, max_file_bytes // 4)  # the page's share for its cards, and for its part of the index
         # Cards are HTML (escaped) in JSON strings; index entries may hold any cell, so they keep the page's escaping.
@@ -682,7 +756,7 @@ def build_report(
                 position += 1
         cards.finish()
         index.finish()
-    page = _render_page(run, facts, view, cards, index, view_rows=view_rows, now=now or datetime.now(UTC))
+        page = _render_page(run, facts, view, cards, index, view_rows=view_rows, now=now or datetime.now(UTC))
     target = storage.join(dest, REPORT_FILE)
     storage.write_bytes(target, page.encode("utf-8"), "text/html; charset=utf-8")
     files.prune()
@@ -740,8 +814,8 @@ def _render_page(
     """The page (``templates/report.html.j2``): the run's header, the controls, the first cards, the index's first part."""
     summary = run.summary
     counts = facts.counts
-    device_s = sum(facts.computed.values())
-    per_device_hour = len(facts.computed) / (device_s / 3600) if device_s > 0 else None
+    device_s, computed = facts.computed.total(), len(facts.computed)
+    per_device_hour = computed / (device_s / 3600) if device_s > 0 else None
     wall_s = finite_number(summary.get("wall_time_s"))
     done_rows = sum(counts.get(s, 0) for s in DONE_STATUSES)
     per_wall_hour = done_rows / (wall_s / 3600) if wall_s else None
@@ -770,7 +844,7 @@ def _render_page(
             "verdicts": [(v, facts.verdicts.get(v, 0)) for v in VERDICTS],
         },
         facts={
-            "device_time": fmt_duration(device_s), "computed": len(facts.computed),
+            "device_time": fmt_duration(device_s), "computed": computed,
             "per_device_hour": _rate(per_device_hour), "per_wall_hour": _rate(per_wall_hour) if per_wall_hour else "",
             "wall_time": fmt_duration(wall_s), "devices": facts.devices.most_common(), "weights": facts.weights.most_common(),
             "judges": facts.judges.most_common(),
