@@ -612,8 +612,8 @@ class _DataFiles:
             self.present = set()
         self.used: set[str] = set()
 
-    def write(self, kind: str, start: int, body: str) -> str:
-        text = f"nstReport.{kind}({start},{body});\n".encode()
+    def write(self, kind: str, start: int, body: bytes) -> str:
+        text = f"nstReport.{kind}({start},".encode() + body + b");\n"
         name = f"{kind}-{hashlib.sha256(text).hexdigest()[:20]}.js"
         if name not in self.present:
             storage.write_bytes(storage.join(self.folder, name), text, "text/javascript; charset=utf-8")
@@ -644,34 +644,37 @@ class _Pages:
         self.first: list[Any] = []
         self.parts: list[list[Any]] = []
         self._items: list[Any] = []
-        self._pieces: list[str] = []
-        self._size = 0
+        # A script's part is its JSON list as it grows, in one buffer: no object per item is kept (an index
+        # part holds some 30,000 entries, and small objects that outlive many batches fragment the heap).
+        self._body = bytearray()
+        self._count = 0
         self._start = 0
 
     def add(self, index: int, item: Any) -> None:
-        piece = self.encode(item)
-        size = len(piece.encode("utf-8")) + 1
+        piece = self.encode(item).encode("utf-8")
+        size = len(piece) + 1
         inline = not self.parts
         rows, limit = (self.first_rows, self.first_bytes) if inline else (self.rows, self.max_bytes)
-        if self._pieces and (len(self._pieces) >= rows or self._size + size > limit):
+        if self._count and (self._count >= rows or len(self._body) + size > limit):
             self._flush()
-        if not self._pieces:
+        if not self._count:
             self._start = index
-        self._pieces.append(piece)
-        if not self.parts:  # only the page's part keeps its items; a script's part keeps their JSON text alone
+        self._body += b"," if self._count else b"["
+        self._body += piece
+        self._count += 1
+        if inline:  # only the page's part keeps its items; a script's part keeps their JSON text alone
             self._items.append(item)
-        self._size += size
 
     def _flush(self) -> None:
         if not self.parts:
             self.first = self._items
             self.parts.append([None, self._start])
         else:
-            self.parts.append([self.files.write(self.kind, self._start, "[" + ",".join(self._pieces) + "]"), self._start])
-        self._items, self._pieces, self._size = [], [], 0
+            self.parts.append([self.files.write(self.kind, self._start, bytes(self._body + b"]")), self._start])
+        self._items, self._body, self._count = [], bytearray(), 0
 
     def finish(self) -> None:
-        if self._pieces or not self.parts:
+        if self._count or not self.parts:
             self._flush()
 
 
