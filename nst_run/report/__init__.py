@@ -20,7 +20,8 @@ or synced from S3, opens as is, from file:// with no server. A page on
 file:// cannot fetch() its neighbours but may load scripts beside it, so the
 data are scripts that hand their part to the page's script. No file is over
 MAX_FILE_BYTES and the build's memory does not grow with the run (the results
-are read in batches, twice: see :func:`build_report`). Every value that came from a manifest (ids, ``meta_*`` cells, URIs,
+are read in batches, twice: see :func:`build_report`; what is kept per item is on
+disk: :class:`_Scratch`). Every value that came from a manifest (ids, ``meta_*`` cells, URIs,
 errors) is HTML-escaped, and every URI is passed through
 :func:`nst_core.storage.sanitize_uri`: no query string, so no presigned URL or
 credential, is ever written.
@@ -713,7 +714,8 @@ def build_report(
     style, script and header, has the other half); the rest is in data scripts beside it
     (``report-files/``: cards ``page_rows`` at a time, index parts), none over
     ``max_file_bytes`` unless one card alone is. Memory is bounded by the batch
-    and the run's distinct values, not by its rows.
+    and the run's distinct values, not by its rows: what is kept per item (items
+    counted, device seconds, thumbnails present) is in a :class:`_Scratch` on disk.
 
     Args:
         run_uri: the run folder (``{output_uri}/runs/{run}``) or a file in it.
