@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/report_scale.py                           # baseline at 10,000; this code at 10,000 and 100,000
     .venv/bin/python benchmarks/report_scale.py --rows 2000 --baseline-rows 2000 --json /tmp/r.json
+    .venv/bin/python benchmarks/report_scale.py --memory-rows 5000 20000 40000 --json benchmarks/results/report-memory.json
 
 A finished run is fabricated in the stored layout the flow writes
 (``runs/{run}/results.parquet`` + ``results.csv`` + ``summary.json``,
 ``items/{id}/meta.json`` + ``loss.csv``, an output image in one item folder
 of every ``--image-every``; the others get the report's placeholders), then
-the report is built in a child process (its wall time and peak RSS, from
-``wait4``), the largest file it wrote is measured, and headless Chromium
+the report is built in a child process (its wall time and peak RSS, the
+child's own ``VmHWM``), the largest file it wrote is measured, and headless Chromium
 (Debian's ``/usr/bin/chromium`` through Playwright) opens it from ``file://``:
 
 * ``show_s``: from navigation until the first card and the total row count are on screen;
@@ -21,6 +22,16 @@ The baseline is the report as it was before it was paged (``--baseline-ref``,
 its ``nst_run/report`` taken from git into a temporary package), measured in
 the same run on the same fabricated run. Times are wall-clock on a shared
 machine: compare the ratios, not the absolute figures.
+
+``--memory-rows``: the build's peak RSS against the row count instead (no
+browser). One run of the largest count is fabricated; each count's run is a
+run folder beside it whose results table holds that many first rows (the
+items are the same files), so only the build differs. The figure is the slope
+of peak RSS per 1,000 rows (least squares over the counts, and between
+neighbours), beside the RSS of a child that only imports the report; the
+code of ``--memory-baseline-ref`` is measured in the same run on the same
+folders (its own ``nst_run/report``; the rest of the tree, the results reader
+included, is this one's).
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from fabricate import expected, fabricate  # noqa: E402 - tests/fabricate.py, sh
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update"]
 BASELINE_REF = "f452bfb"  # the report before paging (one page, every card inline)
+MEMORY_BASELINE_REF = "2974512"  # the paged report before its build's memory was made flat
 
 
 def baseline_package(ref: str, dest: Path) -> Path:
@@ -56,26 +68,30 @@ def baseline_package(ref: str, dest: Path) -> Path:
     return dest
 
 
-def build_in_child(module: str, run: Path, extra_path: Path | None, timeout_s: float) -> dict[str, float]:
-    """Build the report in a child process; its wall time and peak RSS (``wait4``'s ru_maxrss)."""
+def build_in_child(module: str, run: Path, extra_path: Path | None, timeout_s: float, code: str = "m.build_report(sys.argv[1])") -> dict[str, float]:
+    """Build the report in a child process (``code``, with the module as ``m``); its wall time and peak RSS.
+
+    The peak is the child's own ``VmHWM`` (``/proc/self/status``) as it ends, not ``wait4``'s ru_maxrss:
+    Linux counts in ru_maxrss the RSS the child had before its ``exec``, a copy of this (large, after
+    fabricating) process's, so that figure is never below this process's RSS at the time.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (extra_path, REPO) if p)}
-    code = f"import {module} as m, sys; m.build_report(sys.argv[1])"
-    start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", code, str(run)], env=env)
-    deadline = start + timeout_s
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
+    report = "open(sys.argv[2], 'w').write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])"
+    code = f"import {module} as m, sys; {code}; {report}"
+    with tempfile.NamedTemporaryFile(prefix="nst-report-peak-") as peak:
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", code, str(run), peak.name], env=env)
+        try:
+            child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
             child.kill()
-            pid, status, usage = os.wait4(child.pid, 0)
-            raise TimeoutError(f"{module}: build over {timeout_s} s")
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{module}: build failed ({status})")
-    return {"build_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+            child.wait()
+            raise TimeoutError(f"{module}: build over {timeout_s} s") from None
+        wall = time.perf_counter() - start
+        if child.returncode != 0:
+            raise RuntimeError(f"{module}: build failed (exit {child.returncode})")
+        peak_kib = int(Path(peak.name).read_text())
+    return {"build_s": round(wall, 2), "peak_rss_mb": round(peak_kib / 1024, 1)}
 
 
 def written_files(run: Path) -> dict[str, float]:
@@ -149,6 +165,71 @@ def measure(label: str, module: str, rows: int, root: Path, extra_path: Path | N
     return result
 
 
+def first_rows_runs(run: Path, counts: list[int]) -> dict[int, Path]:
+    """Run folders beside ``run`` whose results table (and summary) hold its first ``n`` rows, for each ``n``."""
+    import pandas as pd
+
+    from nst_run import paths
+    from nst_run.results import csv_bytes, parquet_bytes
+
+    frame = pd.read_parquet(run / paths.RESULTS_PARQUET)
+    summary = json.loads((run / paths.SUMMARY_FILE).read_text())
+    folders = {}
+    for n in counts:
+        folder = run.parent / f"first-{n}"
+        folder.mkdir()
+        part = frame.iloc[:n]
+        (folder / paths.RESULTS_PARQUET).write_bytes(parquet_bytes(part))
+        (folder / paths.RESULTS_CSV).write_bytes(csv_bytes(part))
+        counts_of = part["status"].value_counts().to_dict()
+        (folder / paths.SUMMARY_FILE).write_text(json.dumps({**summary, "run": folder.name, "wall_time_s": n * 0.5, "counts": counts_of}))
+        folders[n] = folder
+    return folders
+
+
+def slope_per_1000(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of (rows, MB) points, in MB per 1,000 rows."""
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    den = sum((x - mean_x) ** 2 for x, _ in points)
+    return round(1000 * sum((x - mean_x) * (y - mean_y) for x, y in points) / den, 3) if den else 0.0
+
+
+def memory_curve(args: argparse.Namespace) -> dict[str, object]:
+    """Peak RSS of the build at each of ``args.memory_rows`` (this code, and the baseline's at the counts it is given)."""
+    counts = sorted(set(args.memory_rows))
+    with tempfile.TemporaryDirectory(prefix="nst-report-memory-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        run = fabricate(root / "run", counts[-1], image_every=args.image_every, iterations=args.iterations)
+        print(f"[memory] fabricated {counts[-1]} rows in {time.perf_counter() - start:.1f} s", flush=True)
+        folders = first_rows_runs(run, counts)
+        codes: list[tuple[str, str, Path | None, list[int]]] = [("this", "nst_run.report", None, counts)]
+        if args.memory_baseline_ref:
+            baseline = baseline_package(args.memory_baseline_ref, root / "baseline-code")
+            codes.append(("baseline", "nst_report_baseline", baseline, [n for n in counts if n <= args.memory_baseline_max]))
+        curves: dict[str, object] = {}
+        for label, module, extra, sizes in codes:
+            imports = build_in_child(module, run, extra, args.build_timeout, code="pass")["peak_rss_mb"]
+            points = []
+            for n in sizes:
+                for sub in ("thumbs", "report-files"):
+                    subprocess.run(["rm", "-rf", str(folders[n] / sub)], check=False)
+                figures = build_in_child(module, folders[n], extra, args.build_timeout)
+                points.append({"rows": n, **figures})
+                print(f"[memory {label}] {points[-1]}", flush=True)
+            xy = [(int(p["rows"]), float(p["peak_rss_mb"])) for p in points]
+            curves[label] = {
+                "imports_rss_mb": imports, "points": points,
+                "slope_mb_per_1000_rows": slope_per_1000(xy) if len(xy) > 1 else None,
+                "slope_past_first_mb_per_1000_rows": slope_per_1000(xy[1:]) if len(xy) > 2 else None,
+                "slopes_between_neighbours": [
+                    {"rows": f"{a[0]}-{b[0]}", "mb_per_1000_rows": round(1000 * (b[1] - a[1]) / (b[0] - a[0]), 3)} for a, b in zip(xy, xy[1:])
+                ],
+            }  # fmt: skip
+    return {"baseline_ref": args.memory_baseline_ref, "cpu_count": os.cpu_count(), "curves": curves}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="*", default=[10_000, 100_000], help="row counts for this code")
@@ -159,7 +240,17 @@ def main() -> None:
     parser.add_argument("--build-timeout", type=float, default=1800)
     parser.add_argument("--browser-timeout", type=float, default=240)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--memory-rows", type=int, nargs="*", help="measure the build's peak RSS at these row counts instead (no browser)")
+    parser.add_argument("--memory-baseline-ref", default=MEMORY_BASELINE_REF, help="git ref of the code --memory-rows compares with ('': none)")
+    parser.add_argument("--memory-baseline-max", type=int, default=40_000, help="the baseline is measured up to this row count")
     args = parser.parse_args()
+    if args.memory_rows:
+        figures = memory_curve(args)
+        print(json.dumps(figures, indent=2))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return
     results = []
     with tempfile.TemporaryDirectory(prefix="nst-report-scale-") as tmp:
         root = Path(tmp)

@@ -78,9 +78,18 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
     return safe.to_csv(index=False).encode("utf-8")
 
 
+# results.parquet is written in row groups of this many rows and read back through a buffer of
+# TABLE_READ_BUFFER bytes: a reader going through it in batches (:func:`iter_rows`) then holds one row
+# group's pages at a time, not every column of the whole table (pyarrow's defaults: one row group of up
+# to a million rows, read whole).
+PARQUET_ROW_GROUP_ROWS = 10_000
+TABLE_READ_BUFFER = 1 << 16
+
+
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
-    frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object}).to_parquet(buffer, index=False)
+    strings = frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object})
+    strings.to_parquet(buffer, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)
     return buffer.getvalue()
 
 
@@ -311,14 +320,16 @@ def iter_rows(run: Run, batch_rows: int = 2_000) -> Iterator[list[dict[str, Any]
 
     :func:`open_run` holds every row (fine for review and export); the report of a run of any size
     reads the table in batches instead, so its memory does not grow with the run: Parquet through
-    ``pyarrow.parquet.ParquetFile.iter_batches`` (a local file is read as it goes; an S3 object is
-    fetched once, compressed), else the CSV in chunks, each batch cleaned as ``open_run`` cleans its rows.
+    ``pyarrow.parquet.ParquetFile.iter_batches`` over a TABLE_READ_BUFFER stream (a local file is read
+    as it goes, a row group's pages at a time; an S3 object is fetched once, compressed), else the CSV
+    in chunks, each batch cleaned as ``open_run`` cleans its rows.
     """
     kind, source = _table_source(run.folder)
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+        table = pq.ParquetFile(source, buffer_size=TABLE_READ_BUFFER, pre_buffer=False)
+        for batch in table.iter_batches(batch_size=batch_rows):
             yield _frame_rows(batch.to_pandas(), from_csv=False)
         return
     with pd.read_csv(source, dtype=str, keep_default_na=False, chunksize=batch_rows) as chunks:

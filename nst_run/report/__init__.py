@@ -20,7 +20,8 @@ or synced from S3, opens as is, from file:// with no server. A page on
 file:// cannot fetch() its neighbours but may load scripts beside it, so the
 data are scripts that hand their part to the page's script. No file is over
 MAX_FILE_BYTES and the build's memory does not grow with the run (the results
-are read in batches, twice: see :func:`build_report`). Every value that came from a manifest (ids, ``meta_*`` cells, URIs,
+are read in batches, twice: see :func:`build_report`; what is kept per item is on
+disk: :class:`_Scratch`). Every value that came from a manifest (ids, ``meta_*`` cells, URIs,
 errors) is HTML-escaped, and every URI is passed through
 :func:`nst_core.storage.sanitize_uri`: no query string, so no presigned URL or
 credential, is ever written.
@@ -39,6 +40,7 @@ keep/reject on the cards and save the marks as a file for
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import functools
 import hashlib
@@ -48,9 +50,12 @@ import json
 import math
 import os
 import re
+import sqlite3
+import tempfile
+import threading
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
@@ -89,6 +94,8 @@ _DATA_NAME = re.compile(r"^(cards|index)-[0-9a-f]{20}\.js$")
 INDEX_ITEM_CHARS = 12
 # At most this many values of one parameter are offered as filters (all of them sort).
 MAX_FILTER_VALUES = 200
+# SQLite's page cache for the build's per-item bookkeeping (:class:`_Scratch`), in KiB.
+SCRATCH_CACHE_KIB = 2048
 
 
 # --------------------------------------------------------------------------- values
@@ -148,6 +155,74 @@ def _script_json(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
+# --------------------------------------------------------------------------- per-item bookkeeping
+
+
+class _Scratch:
+    """The build's bookkeeping per item (items seen, device seconds, thumbnails present), in SQLite in a temporary folder.
+
+    Held in Python sets and dicts it cost some 0.3 KB per row, the part of the build's memory that grew
+    with any row count; on disk, behind SQLite's page cache (SCRATCH_CACHE_KIB), it does not. One
+    connection, one lock: the build's threads may share it.
+    """
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="nst-report-")
+        self._db = sqlite3.connect(os.path.join(self._folder.name, "scratch.sqlite"), isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{SCRATCH_CACHE_KIB}"):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._lock = threading.Lock()
+        self._tables = 0
+
+    def keys(self) -> _Keys:
+        """A new, empty set of keys (each with a number)."""
+        with self._lock:
+            self._tables += 1
+            table = f"keys{self._tables}"
+            self._db.execute(f"CREATE TABLE {table} (key TEXT PRIMARY KEY, value REAL) WITHOUT ROWID")
+        return _Keys(self, table)
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Any) -> None:
+        with self._lock:
+            self._db.executemany(sql, rows)
+
+    def close(self) -> None:
+        self._db.close()
+        self._folder.cleanup()
+
+
+class _Keys:
+    """A set of strings on disk (:class:`_Scratch`), each with a number: what ``set`` and ``dict[str, float]`` did."""
+
+    def __init__(self, scratch: _Scratch, table: str):
+        self._scratch, self._table = scratch, table
+
+    def add(self, key: str) -> bool:
+        """Add ``key``; True when it was not there yet."""
+        return self._scratch.execute(f"INSERT OR IGNORE INTO {self._table} (key) VALUES (?)", key).rowcount == 1
+
+    def update(self, keys: Iterable[str]) -> None:
+        self._scratch.executemany(f"INSERT OR IGNORE INTO {self._table} (key) VALUES (?)", ((k,) for k in keys))
+
+    def put(self, key: str, value: float) -> None:
+        """Set ``key``'s number (a later one replaces an earlier one)."""
+        self._scratch.execute(f"INSERT OR REPLACE INTO {self._table} (key, value) VALUES (?, ?)", key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return self._scratch.execute(f"SELECT 1 FROM {self._table} WHERE key = ?", key).fetchone() is not None
+
+    def __len__(self) -> int:
+        return int(self._scratch.execute(f"SELECT count(*) FROM {self._table}").fetchone()[0])
+
+    def total(self) -> float:
+        """The sum of the keys' numbers."""
+        return float(self._scratch.execute(f"SELECT total(value) FROM {self._table}").fetchone()[0])
+
+
 # --------------------------------------------------------------------------- thumbnails
 
 
@@ -167,13 +242,14 @@ def thumbnail_bytes(data: bytes, max_side: int, name: str = "image", max_pixels:
 class _Thumbs:
     """Makes the thumbnails a report needs, once each, into ``{dest}/thumbs/``."""
 
-    def __init__(self, dest: str):
+    def __init__(self, dest: str, scratch: _Scratch):
         self.dest = dest
         prefix = storage.join(dest, THUMBS_DIR) + "/"
+        self.present = scratch.keys()  # thumbnail names: one per output image, so on disk
         try:
-            self.present = {u.rsplit("/", 1)[-1] for u in storage.list_prefix(prefix)}
+            self.present.update(u.rsplit("/", 1)[-1] for u in storage.list_prefix(prefix))
         except storage.StorageError:
-            self.present = set()
+            pass
 
     def _write(self, name: str, source_uri: str, max_side: int, data: bytes | None = None) -> str | None:
         rel = f"{THUMBS_DIR}/{name}"
@@ -286,11 +362,16 @@ def _read_json(uri: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _read_history(uri: str) -> list[dict[str, float]]:
+def _read_curve(uri: str) -> str:
+    """The loss curve of ``loss.csv`` at ``uri`` as :func:`loss_svg` draws it (a missing or unreadable file: no curve).
+
+    Only the drawing is kept: the history's points (a dict and floats each) live no longer than this call.
+    """
     try:
-        return read_loss_csv(storage.read_bytes(uri))
+        history = read_loss_csv(storage.read_bytes(uri))
     except (storage.StorageError, ValueError):
-        return []
+        history = []
+    return loss_svg(history)
 
 
 def _builtin_defaults() -> dict[str, Any]:
@@ -319,16 +400,16 @@ class _RunFacts:
     bounded by the run's distinct values, never by its rows' contents: no row, meta.json or card is kept.
     """
 
-    def __init__(self, verdict_of: dict[str, str]) -> None:
+    def __init__(self, verdict_of: dict[str, str], scratch: _Scratch) -> None:
         self.verdict_of = verdict_of
         self.total = 0
         self.counts: Counter[str] = Counter()
-        # Items are kept as hash(item id) only (a 64-bit int, not a 64-character string): memory per row stays small.
-        self.items: set[int] = set()  # items of the rows with an output image
+        # Per item, so on disk (:class:`_Scratch`): the rest is bounded by the run's distinct values.
+        self.items = scratch.keys()  # items of the rows with an output image
         self.verdicts: Counter[str] = Counter()  # each of those items' verdict
         self.every: dict[str, Counter[str]] = {}  # each parameter's values over the run's items (canonical JSON)
         self.blank: dict[str, Counter[str]] = {}  # the same, over the items whose row left the parameter blank
-        self.computed: dict[int, float] = {}  # device seconds of each item this run computed
+        self.computed = scratch.keys()  # device seconds of each item this run computed
         self.devices: Counter[str] = Counter()
         self.weights: Counter[str] = Counter()
         self.judges: Counter[str] = Counter()
@@ -348,10 +429,9 @@ class _RunFacts:
             self.style_labels.setdefault(style, _basename(style))
             self.style_rows[style] += 1
         if status == "succeeded" and item:
-            self.computed[hash(item)] = finite_number((meta or {}).get("wall_time_s")) or finite_number(row.get("duration_s")) or 0.0
-        if status not in DONE_STATUSES or not item or hash(item) in self.items:
+            self.computed.put(item, finite_number((meta or {}).get("wall_time_s")) or finite_number(row.get("duration_s")) or 0.0)
+        if status not in DONE_STATUSES or not item or not self.items.add(item):
             return
-        self.items.add(hash(item))
         self.verdicts[self.verdict_of.get(item, "undecided")] += 1
         if meta is None:
             return
@@ -456,10 +536,10 @@ class _RunView:
         return links
 
     def row(
-        self, index: int, row: dict[str, Any], meta: dict[str, Any] | None, history: list[dict[str, float]],
+        self, index: int, row: dict[str, Any], meta: dict[str, Any] | None, curve: str,
         found: dict[str, str | None], decisions: dict[str, list[Decision]],
     ) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
-        """(index entry, card) of the ``index``-th row; ``meta``/``history``: its item's, when it has an output image."""
+        """(index entry, card) of the ``index``-th row; ``meta``/``curve``: its item's (:func:`_read_curve`), when it has an output image."""
         item = str(row.get("item_id") or "")
         params = (meta or {}).get("params") or {}
         status = str(row.get("status") or "")
@@ -503,7 +583,7 @@ class _RunView:
             "index": index, "row": row.get("row"), "id": row.get("id"), "status": status, "item": item,
             "verdict": row_verdict if row_verdict != "undecided" else "",
             "figures": figures if status != "invalid" else [],
-            "meta": bool(meta), "curve": Markup(loss_svg(history)) if meta else "",
+            "meta": bool(meta), "curve": Markup(curve) if meta else "",
             "judge": quality.get("judge_weights"), "sd": fmt_num(sd, 3), "cd": fmt_num(cd, 3), "total": fmt_num(total, 4),
             "content": fmt_num(finite_number(losses.get("content")), 3), "style": fmt_num(finite_number(losses.get("style")), 3),
             "time": fmt_duration(duration), "chips": chips,
@@ -533,8 +613,8 @@ class _DataFiles:
             self.present = set()
         self.used: set[str] = set()
 
-    def write(self, kind: str, start: int, body: str) -> str:
-        text = f"nstReport.{kind}({start},{body});\n".encode()
+    def write(self, kind: str, start: int, body: bytes) -> str:
+        text = f"nstReport.{kind}({start},".encode() + body + b");\n"
         name = f"{kind}-{hashlib.sha256(text).hexdigest()[:20]}.js"
         if name not in self.present:
             storage.write_bytes(storage.join(self.folder, name), text, "text/javascript; charset=utf-8")
@@ -565,47 +645,50 @@ class _Pages:
         self.first: list[Any] = []
         self.parts: list[list[Any]] = []
         self._items: list[Any] = []
-        self._pieces: list[str] = []
-        self._size = 0
+        # A script's part is its JSON list as it grows, in one buffer: no object per item is kept (an index
+        # part holds some 30,000 entries, and small objects that outlive many batches fragment the heap).
+        self._body = bytearray()
+        self._count = 0
         self._start = 0
 
     def add(self, index: int, item: Any) -> None:
-        piece = self.encode(item)
-        size = len(piece.encode("utf-8")) + 1
+        piece = self.encode(item).encode("utf-8")
+        size = len(piece) + 1
         inline = not self.parts
         rows, limit = (self.first_rows, self.first_bytes) if inline else (self.rows, self.max_bytes)
-        if self._pieces and (len(self._pieces) >= rows or self._size + size > limit):
+        if self._count and (self._count >= rows or len(self._body) + size > limit):
             self._flush()
-        if not self._pieces:
+        if not self._count:
             self._start = index
-        self._pieces.append(piece)
-        if not self.parts:  # only the page's part keeps its items; a script's part keeps their JSON text alone
+        self._body += b"," if self._count else b"["
+        self._body += piece
+        self._count += 1
+        if inline:  # only the page's part keeps its items; a script's part keeps their JSON text alone
             self._items.append(item)
-        self._size += size
 
     def _flush(self) -> None:
         if not self.parts:
             self.first = self._items
             self.parts.append([None, self._start])
         else:
-            self.parts.append([self.files.write(self.kind, self._start, "[" + ",".join(self._pieces) + "]"), self._start])
-        self._items, self._pieces, self._size = [], [], 0
+            self.parts.append([self.files.write(self.kind, self._start, bytes(self._body + b"]")), self._start])
+        self._items, self._body, self._count = [], bytearray(), 0
 
     def finish(self) -> None:
-        if self._pieces or not self.parts:
+        if self._count or not self.parts:
             self._flush()
 
 
-def _load_items(pool: ThreadPoolExecutor, run: Run, rows: list[dict[str, Any]], history: bool) -> dict[str, tuple[dict[str, Any] | None, list[dict[str, float]]]]:
-    """``meta.json`` (and ``loss.csv`` when ``history``) of the items of these rows that have an output image."""
+def _load_items(pool: ThreadPoolExecutor, run: Run, rows: list[dict[str, Any]], curves: bool) -> dict[str, tuple[dict[str, Any] | None, str]]:
+    """``meta.json`` (and, when ``curves``, the loss curve drawn from ``loss.csv``) of the items of these rows that have an output image."""
     items = sorted({str(r["item_id"]) for r in rows if r.get("status") in DONE_STATUSES and r.get("item_id")})
 
-    def load(item: str) -> tuple[str, tuple[dict[str, Any] | None, list[dict[str, float]]]]:
+    def load(item: str) -> tuple[str, tuple[dict[str, Any] | None, str]]:
         folder = run.item_folder(item)
         if folder is None:
-            return item, (None, [])
+            return item, (None, "")
         meta = _read_json(storage.join(folder, paths.META_FILE))
-        return item, (meta, _read_history(storage.join(folder, paths.LOSS_CSV)) if history and meta is not None else [])
+        return item, (meta, _read_curve(storage.join(folder, paths.LOSS_CSV)) if curves and meta is not None else "")
 
     return dict(pool.map(load, items))
 
@@ -631,7 +714,8 @@ def build_report(
     style, script and header, has the other half); the rest is in data scripts beside it
     (``report-files/``: cards ``page_rows`` at a time, index parts), none over
     ``max_file_bytes`` unless one card alone is. Memory is bounded by the batch
-    and the run's distinct values, not by its rows.
+    and the run's distinct values, not by its rows: what is kept per item (items
+    counted, device seconds, thumbnails present) is in a :class:`_Scratch` on disk.
 
     Args:
         run_uri: the run folder (``{output_uri}/runs/{run}``) or a file in it.
@@ -651,14 +735,14 @@ def build_report(
     dest = str(dest_uri).rstrip("/") or str(dest_uri) if dest_uri else run.folder
     decisions = load_decisions(run, workers=workers)
     verdict_of = {item: verdict(ds) for item, ds in decisions.items()}
-    facts = _RunFacts(verdict_of)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with contextlib.closing(_Scratch()) as scratch, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        facts = _RunFacts(verdict_of, scratch)
         for rows in iter_rows(run, batch_rows):
-            loaded = _load_items(pool, run, rows, history=False)
+            loaded = _load_items(pool, run, rows, curves=False)
             for row in rows:
-                facts.add(row, loaded.get(str(row.get("item_id") or ""), (None, []))[0] if row.get("status") in DONE_STATUSES else None)
+                facts.add(row, loaded.get(str(row.get("item_id") or ""), (None, ""))[0] if row.get("status") in DONE_STATUSES else None)
         view = _RunView(run, facts, verdict_of, dest)
-        thumbs = _Thumbs(dest)
+        thumbs = _Thumbs(dest, scratch)
         files = _DataFiles(dest)
         quarter = max(1, max_file_bytes // 4)  # the page's share for its cards, and for its part of the index
         # Cards are HTML (escaped) in JSON strings; index entries may hold any cell, so they keep the page's escaping.
@@ -666,18 +750,18 @@ def build_report(
         index = _Pages("index", files, _script_json, rows=max(1, facts.total), max_bytes=max_file_bytes, first_rows=max(1, facts.total), first_bytes=quarter)
         position = 0
         for rows in iter_rows(run, batch_rows):
-            loaded = _load_items(pool, run, rows, history=True)
+            loaded = _load_items(pool, run, rows, curves=True)
             metas = {item: meta for item, (meta, _) in loaded.items() if meta is not None}
             for row, found in zip(rows, pool.map(functools.partial(_thumbs_of, thumbs, run, metas), rows), strict=True):
                 item = str(row.get("item_id") or "")
-                meta, history = loaded.get(item, (None, [])) if row.get("status") in DONE_STATUSES else (None, [])
-                entry, card = view.row(position, row, meta, history, found, decisions)
+                meta, curve = loaded.get(item, (None, "")) if row.get("status") in DONE_STATUSES else (None, "")
+                entry, card = view.row(position, row, meta, curve, found, decisions)
                 index.add(position, entry)
                 cards.add(position, str(_card_macro()(card)))
                 position += 1
         cards.finish()
         index.finish()
-    page = _render_page(run, facts, view, cards, index, view_rows=view_rows, now=now or datetime.now(UTC))
+        page = _render_page(run, facts, view, cards, index, view_rows=view_rows, now=now or datetime.now(UTC))
     target = storage.join(dest, REPORT_FILE)
     storage.write_bytes(target, page.encode("utf-8"), "text/html; charset=utf-8")
     files.prune()
@@ -735,8 +819,8 @@ def _render_page(
     """The page (``templates/report.html.j2``): the run's header, the controls, the first cards, the index's first part."""
     summary = run.summary
     counts = facts.counts
-    device_s = sum(facts.computed.values())
-    per_device_hour = len(facts.computed) / (device_s / 3600) if device_s > 0 else None
+    device_s, computed = facts.computed.total(), len(facts.computed)
+    per_device_hour = computed / (device_s / 3600) if device_s > 0 else None
     wall_s = finite_number(summary.get("wall_time_s"))
     done_rows = sum(counts.get(s, 0) for s in DONE_STATUSES)
     per_wall_hour = done_rows / (wall_s / 3600) if wall_s else None
@@ -765,7 +849,7 @@ def _render_page(
             "verdicts": [(v, facts.verdicts.get(v, 0)) for v in VERDICTS],
         },
         facts={
-            "device_time": fmt_duration(device_s), "computed": len(facts.computed),
+            "device_time": fmt_duration(device_s), "computed": computed,
             "per_device_hour": _rate(per_device_hour), "per_wall_hour": _rate(per_wall_hour) if per_wall_hour else "",
             "wall_time": fmt_duration(wall_s), "devices": facts.devices.most_common(), "weights": facts.weights.most_common(),
             "judges": facts.judges.most_common(),
