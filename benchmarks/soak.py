@@ -99,7 +99,10 @@ class Sampler(threading.Thread):
                     self.snapshots.append((now, tracemalloc.take_snapshot()))
                     last_snapshot = now
             if self.checkpoint and now - last_checkpoint >= 60:
-                self.checkpoint()
+                try:
+                    self.checkpoint()
+                except Exception as exc:  # the figures so far are a convenience: never stop sampling for them
+                    print(f"soak: could not write the figures so far ({exc!r})", file=sys.stderr)
                 last_checkpoint = now
             if self.count_every_s and now - last_count >= self.count_every_s:
                 self.counts.append((now, live_objects()))
@@ -225,12 +228,6 @@ def main(argv: list[str] | None = None) -> int:
             if server:
                 server.stop()
     figures = figures_so_far(sampler, start, args, baseline_per_item, engine_seconds[0], summary)
-    after_warmup_counts = [(t, c) for t, c in sampler.counts if t >= start + (sampler.samples[-1][0] - start) / 4]
-    if len(after_warmup_counts) >= 2:
-        (t0, first), (t1, last) = after_warmup_counts[0], after_warmup_counts[-1]
-        items_between = max(1, _done_at(sampler, t1) - _done_at(sampler, t0))
-        print("\n".join(count_growth(first, last, 1000 / items_between)))
-        figures["live_objects_growth_per_1000_items"] = (sum(last.values()) - sum(first.values())) * 1000 / items_between
     if args.tracemalloc:
         half = start + (sampler.samples[-1][0] - start) / 2
         traced_half = [(_done_at(sampler, t), m) for t, m in sampler.traced if t >= half]
@@ -238,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         after_warmup = [snap for t, snap in sampler.snapshots if t >= start + (sampler.samples[-1][0] - start) / 4]
         if len(after_warmup) >= 2:
             print("\n".join(heap_growth(after_warmup[0], after_warmup[-1])))
+    print("\n".join(figures.get("grew_most_per_1000_items", [])))
     for key, value in figures.items():
-        if isinstance(value, list):
+        if isinstance(value, list | dict):
             continue
         print(f"{key:<36} {value:.3f}" if isinstance(value, float) else f"{key:<36} {value}")
     if args.json:
@@ -264,7 +262,14 @@ def figures_so_far(sampler: Sampler, start: float, args: argparse.Namespace, bas
     for (_, m, _), (_, d, _) in samples:
         by_thousand.setdefault(d // 1000 * 1000, m)
     load = os.getloadavg()
-    return {
+    counts = [(t, c) for t, c in list(sampler.counts) if t >= start + (now - start) / 4]  # after warm-up
+    grown: dict[str, Any] = {}
+    if len(counts) >= 2:
+        (t0, first), (t1, last) = counts[0], counts[-1]
+        per = 1000 / max(1, _done_at(sampler, t1) - _done_at(sampler, t0))
+        grown = {"live_objects_growth_per_1000_items": (sum(last.values()) - sum(first.values())) * per,
+                 "grew_most_per_1000_items": count_growth(first, last, per)}  # fmt: skip
+    return grown | {
         "items": args.items, "finished": summary is not None, "rows_reached": reached, "succeeded": done,
         "wall_s": wall, "items_per_minute": 60 * reached / max(wall, 1e-9),
         "engine_s": engine_s, "engine_alone_per_item_s": baseline_per_item,
