@@ -287,6 +287,7 @@ def stylize_manifest(
     unit_floor = 1
     while True:
         while len(resolving) < RESOLVE_AHEAD and (chunk := next(pending_chunks, None)) is not None:
+            events.wait_for_delivery(events.DELIVERY_WAIT_S)  # what Prefect keeps per task run stays bounded (flows/events.py)
             resolving.append(resolve.submit(chunk, output_uri, force, owner=owner))  # resolving overlaps computing
         while units and window.has_room():
             unit, submitting = units.popleft(), time.perf_counter()
