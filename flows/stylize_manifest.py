@@ -6,7 +6,9 @@ a sliding window of task runs in flight (``tasks.steps``): what the task runner
 runs at once plus one queued per device (:attr:`Capacity.window`), the next
 submitted as any finishes, so no chunk waits for its slowest batch. Outcomes go to the results table (``nst_run.results``) as they
 come, then the report and Prefect artifacts. The work itself is ``nst_run``'s
-plain functions.
+plain functions. Before each chunk is taken in, the flow waits for Prefect's events
+worker to catch up (``flows.events.wait_for_delivery``), so what Prefect keeps per
+task run until its events are sent stays bounded however long the run.
 """
 
 from __future__ import annotations
