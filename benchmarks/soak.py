@@ -3,11 +3,18 @@
     .venv/bin/python benchmarks/soak.py                       # 2,000 items, 32 px, 5 iterations
     .venv/bin/python benchmarks/soak.py --items 200 --json benchmarks/results/soak-small.json
     .venv/bin/python benchmarks/soak.py --items 500 --local --tracemalloc 20   # what grows, by allocation site
+    nice -n 10 .venv/bin/python benchmarks/soak.py --items 10000 --baseline-items 20 --sample 5 \
+        --count-objects 300 --json benchmarks/results/soak-cpu-10000.json   # the long soak (README)
 
 Reports items per minute, the flow's own overhead per item, peak memory (RSS)
 of the flow process and of the Prefect server, and the flow process's memory
-growth per 1,000 items (a least-squares slope over the second half of the run,
-after warm-up).
+growth per 1,000 items (a least-squares slope of RSS against rows finished, over
+the second half of the rows, after warm-up), with the RSS, rows finished and
+Prefect's events backlog sampled every ``--sample`` seconds. With ``--json`` the
+figures so far are rewritten every minute, so a run stopped early leaves them
+(``finished: false``, ``rows_reached``). ``--count-objects`` counts gc-tracked
+objects without collecting first: cyclic garbage not yet collected (matplotlib's
+figures, for one) counts as live.
 
 The overhead is measured against a baseline taken in the same run: the same
 items through the engine alone (``nst_core.stylize``, network loaded, images
