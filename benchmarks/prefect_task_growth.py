@@ -98,11 +98,12 @@ def holders() -> dict[str, int]:
     worker = events_worker()
     cache = worker._context_cache
     live = task_run_objects()
+    queued, cached = worker._queue.qsize(), len(cache)  # now: the walks below take a while, the worker goes on
     via_cache = reachable(list(cache.values()), set())
     roots = [m.__dict__ for m in list(sys.modules.values()) if m is not None] + list(sys._current_frames().values())
     elsewhere = reachable(roots, {id(cache), id(live)})  # every other root: modules' globals, threads' stacks
     return {
-        "events_queued": worker._queue.qsize(), "contexts_cached": len(cache), "task_run_objects": len(live),
+        "events_queued": queued, "contexts_cached": cached, "task_run_objects": len(live),
         "reachable_from_queued_contexts": sum(id(o) in via_cache for o in live),
         "reachable_otherwise": sum(id(o) in elsewhere for o in live),
     }  # fmt: skip
