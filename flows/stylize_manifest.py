@@ -6,7 +6,9 @@ a sliding window of task runs in flight (``tasks.steps``): what the task runner
 runs at once plus one queued per device (:attr:`Capacity.window`), the next
 submitted as any finishes, so no chunk waits for its slowest batch. Outcomes go to the results table (``nst_run.results``) as they
 come, then the report and Prefect artifacts. The work itself is ``nst_run``'s
-plain functions.
+plain functions. Before each chunk is taken in, the flow waits for Prefect's events
+worker to catch up (``flows.events.wait_for_delivery``), so what Prefect keeps per
+task run until its events are sent stays bounded however long the run.
 """
 
 from __future__ import annotations
@@ -297,6 +299,7 @@ def stylize_manifest(
     unit_floor = 1
     while True:
         while len(resolving) < RESOLVE_AHEAD and (chunk := next(pending_chunks, None)) is not None:
+            events.wait_for_delivery(events.DELIVERY_WAIT_S)  # what Prefect keeps per task run stays bounded (flows/events.py)
             resolving.append(resolve.submit(chunk, output_uri, force, owner=owner))  # resolving overlaps computing
         while units and window.has_room():
             unit, submitting = units.popleft(), time.perf_counter()
