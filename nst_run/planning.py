@@ -4,7 +4,8 @@
   :class:`Outcome`: what happened to a row (one line of the results table).
 * :func:`resolve_items`: identify each row's inputs (each distinct URI once; :mod:`nst_run.inputs`),
   compute ``item_id``, see whether the item is already done (``meta.json`` present: ``cached``).
-* :func:`plan_units`: compatible items (same parameters and sizes) in the units tasks compute;
+* :func:`plan_units`: items in the units tasks compute (compatible ones, same parameters and sizes,
+  together; small groups packed into one unit when the flow needs bigger units);
   :func:`costliest_first` the order they are dispatched in (by :func:`unit_cost`);
   :class:`ItemsInFlight` the rows waiting on each item; :func:`for_row` the outcome of each row
   from the computation it shares.
@@ -216,7 +217,8 @@ AUTO_MAX_ITEMS = 64  # the most items one task is given, or one optimisation hol
 
 
 def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: int = 1) -> list[list[Work]]:
-    """Group compatible items (same parameters, same size at every stage) into the units one task computes.
+    """Group items into the units one task computes: compatible ones (same parameters, same size at every
+    stage) together, and small groups packed together when ``min_items`` asks for bigger units.
 
     Args:
         works: distinct items (one per item id).
@@ -277,8 +279,8 @@ def costliest_first(units: list[list[Work]]) -> list[list[Work]]:
 
     The run's last units decide how long devices wait for the slowest one; dispatching the long ones
     early and the short ones last (longest-processing-time first, Graham 1969) leaves the short ones
-    to fill the devices' ends. Applied to the units waiting for a device, which the flow keeps to the
-    resolve-ahead window, so rows are reordered only within a few chunks."""
+    to fill the devices' ends. Applied to the units waiting for a device (the flow lets at most a window
+    and two chunks of them wait), so rows are reordered only within a few chunks."""
     return sorted(units, key=unit_cost, reverse=True)
 
 
