@@ -275,22 +275,33 @@ def client_env(stack: Stack, state: dict[str, Any], secret: dict[str, str]) -> d
 
 
 def api(state: dict[str, Any], secret: dict[str, str] | None, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
-    """One Prefect REST call (Basic auth with the stack's auth string when ``secret``)."""
+    """One Prefect REST call (Basic auth with the stack's auth string when ``secret``).
+
+    A 502 or 503 answer (on SQLite, a locked database: the request was rolled back) is retried up to
+    :data:`API_RETRIES` times, 1, 2, 4 s apart, as Prefect's own client does."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(_api_url(state) + path, data=data, method=method, headers={"Content-Type": "application/json"})
-    if secret:
-        token = base64.b64encode(secret["PREFECT_API_AUTH_STRING"].encode()).decode()
-        req.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
+    for attempt in range(API_RETRIES + 1):
+        req = urllib.request.Request(_api_url(state) + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        if secret:
+            token = base64.b64encode(secret["PREFECT_API_AUTH_STRING"].encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            if exc.code in (502, 503) and attempt < API_RETRIES:
+                time.sleep(2**attempt)
+                continue
+            try:
+                return exc.code, json.loads(raw)
+            except ValueError:
+                return exc.code, raw.decode(errors="replace")
+    raise AssertionError("unreachable: the last attempt returns")
+
+
+API_RETRIES = 3
 
 
 def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> int:

@@ -84,9 +84,13 @@ def object_texts(uris: Iterable[str]) -> Iterator[tuple[str, bytes | str]]:
                 yield uri + " (metadata)", repr(image.info) + repr(dict(image.getexif()))
 
 
-def prefect_texts(flow_run_id: Any, until_event: str | None = None) -> tuple[list[tuple[str, str]], dict[str, int]]:
+def prefect_texts(flow_run_id: Any, until_event: str | None = None, min_task_runs: int = 0) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """Everything Prefect holds about one flow run: the run, its states, task runs, artifacts, logs and
-    its ``nst.run.*`` events (``until_event``: wait, up to a minute, until the server has stored that one)."""
+    its ``nst.run.*`` events (``until_event``: wait, up to a minute, until the server has stored that one;
+    ``min_task_runs``: likewise until it has recorded that many task runs, which it makes from events
+    in the background)."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
@@ -97,7 +101,12 @@ def prefect_texts(flow_run_id: Any, until_event: str | None = None) -> tuple[lis
         texts.append(("flow run", client.read_flow_run(flow_run_id).model_dump_json()))
         states = client.read_flow_run_states(flow_run_id)
         texts += [(f"flow run state {s.type.value}", s.model_dump_json(exclude={"data"}) + str(s.message)) for s in states]
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        deadline = time.monotonic() + 60
+        while True:
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if len(task_runs) >= min_task_runs or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         texts += [(f"task run {t.name}", t.model_dump_json()) for t in task_runs]
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         texts += [(f"artifact {a.key or a.type}", a.model_dump_json()) for a in artifacts]
@@ -192,7 +201,7 @@ def test_a_run_with_failures_leaks_no_credential_anywhere(prefect_server, s3_buc
     written = storage.list_prefix(output + "/")
     assert any(u.endswith("/meta.json") for u in written) and any(u.endswith("/results.parquet") for u in written)
     assert any(u.endswith("/report.html") for u in written) and any(u.endswith("/loss.csv") for u in written)
-    prefect, seen = prefect_texts(flow_run_id, until_event="nst.run.finished")
+    prefect, seen = prefect_texts(flow_run_id, until_event="nst.run.finished", min_task_runs=3)
     assert seen["logs"] >= 10 and seen["artifacts"] >= 3 and seen["task_runs"] >= 3 and seen["events"] >= 2, seen
     assert any("invalid row 2, column style_uri" in text for _, text in prefect)  # the row errors were logged
     returned = [("state message", state.message or ""), ("returned summary", repr(summary))]
