@@ -56,19 +56,20 @@ MEDIAN_ITERATIONS = 40
 EARLY_STOP = (0.6, 1.0)  # the fraction of its iterations an item runs before it converges: not known in advance
 
 
+def _seeded_uniform(seed: str) -> float:
+    """A number in (0, 1), the same for the same ``seed`` in every process."""
+    return ((int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16) % 10_000) + 0.5) / 10_000
+
+
 def stand_in_iterations(rows: int) -> list[int]:
     """Each stand-in row's ``iterations`` (a manifest column the flow sees): log-normal, seeded by the row."""
-    out = []
-    for i in range(rows):
-        u = ((int(hashlib.sha256(f"row{i}".encode()).hexdigest()[:8], 16) % 10_000) + 0.5) / 10_000
-        out.append(max(1, round(MEDIAN_ITERATIONS * math.exp(SIGMA * math.sqrt(2) * _erfinv(2 * u - 1)))))
-    return out
+    normal = [math.sqrt(2) * _erfinv(2 * _seeded_uniform(f"row{i}") - 1) for i in range(rows)]
+    return [max(1, round(MEDIAN_ITERATIONS * math.exp(SIGMA * z))) for z in normal]
 
 
 def early_stop_fraction(item_id: str) -> float:
     """Where a stand-in item stops, as a fraction of its iterations: uniform over EARLY_STOP, seeded by the item."""
-    u = ((int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16) % 10_000) + 0.5) / 10_000
-    return EARLY_STOP[0] + (EARLY_STOP[1] - EARLY_STOP[0]) * u
+    return EARLY_STOP[0] + (EARLY_STOP[1] - EARLY_STOP[0]) * _seeded_uniform(item_id)
 
 
 class Busy:

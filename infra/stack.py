@@ -280,7 +280,8 @@ def api(state: dict[str, Any], secret: dict[str, str] | None, method: str, path:
     A 502 or 503 answer (on SQLite, a locked database: the request was rolled back) is retried up to
     :data:`API_RETRIES` times, 1, 2, 4 s apart, as Prefect's own client does."""
     data = None if body is None else json.dumps(body).encode()
-    for attempt in range(API_RETRIES + 1):
+    attempt = 0
+    while True:
         req = urllib.request.Request(_api_url(state) + path, data=data, method=method, headers={"Content-Type": "application/json"})
         if secret:
             token = base64.b64encode(secret["PREFECT_API_AUTH_STRING"].encode()).decode()
@@ -293,12 +294,12 @@ def api(state: dict[str, Any], secret: dict[str, str] | None, method: str, path:
             raw = exc.read()
             if exc.code in (502, 503) and attempt < API_RETRIES:
                 time.sleep(2**attempt)
+                attempt += 1
                 continue
             try:
                 return exc.code, json.loads(raw)
             except ValueError:
                 return exc.code, raw.decode(errors="replace")
-    raise AssertionError("unreachable: the last attempt returns")
 
 
 API_RETRIES = 3

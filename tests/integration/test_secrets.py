@@ -23,7 +23,7 @@ import io
 import logging
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -89,8 +89,6 @@ def prefect_texts(flow_run_id: Any, until_event: str | None = None, min_task_run
     its ``nst.run.*`` events (``until_event``: wait, up to a minute, until the server has stored that one;
     ``min_task_runs``: likewise until it has recorded that many task runs, which it makes from events
     in the background)."""
-    import time
-
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
@@ -101,12 +99,8 @@ def prefect_texts(flow_run_id: Any, until_event: str | None = None, min_task_run
         texts.append(("flow run", client.read_flow_run(flow_run_id).model_dump_json()))
         states = client.read_flow_run_states(flow_run_id)
         texts += [(f"flow run state {s.type.value}", s.model_dump_json(exclude={"data"}) + str(s.message)) for s in states]
-        deadline = time.monotonic() + 60
-        while True:
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if len(task_runs) >= min_task_runs or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        task_runs = _stored(lambda: client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
+                            lambda found: len(found) >= min_task_runs)  # fmt: skip
         texts += [(f"task run {t.name}", t.model_dump_json()) for t in task_runs]
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         texts += [(f"artifact {a.key or a.type}", a.model_dump_json()) for a in artifacts]
@@ -120,18 +114,23 @@ def prefect_texts(flow_run_id: Any, until_event: str | None = None, min_task_run
     return texts, counts
 
 
-def _nst_events(client: Any, flow_run_id: Any, until_event: str | None) -> list[Any]:
+def _stored(read: Callable[[], list[Any]], done: Callable[[list[Any]], bool], patience_s: float = 60) -> list[Any]:
+    """``read()`` again every half second until ``done`` says the server has stored what is awaited (it
+    stores events, and the task runs it makes from them, in the background), or ``patience_s`` passed."""
     import time
 
+    deadline = time.monotonic() + patience_s
+    while not done(found := read()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
+def _nst_events(client: Any, flow_run_id: Any, until_event: str | None) -> list[Any]:
     from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
-    deadline = time.monotonic() + 60  # the server stores events in the background
-    while True:
-        wanted = EventFilter(event=EventNameFilter(prefix=["nst.run."]), related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
-        events = client.read_events(filter=wanted, limit=50).events
-        if until_event is None or any(e.event == until_event for e in events) or time.monotonic() > deadline:
-            return events
-        time.sleep(0.5)
+    wanted = EventFilter(event=EventNameFilter(prefix=["nst.run."]), related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
+    return _stored(lambda: client.read_events(filter=wanted, limit=50).events,
+                   lambda events: until_event is None or any(e.event == until_event for e in events))  # fmt: skip
 
 
 @contextmanager
