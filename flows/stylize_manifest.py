@@ -27,13 +27,13 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from flows import events
 from flows.hooks import describe_parameters, notify_failure
 from flows.progress import Progress, publish
+from flows.retention import ThreadPoolRunner, forget_dead_results, forget_result
 from nst_core import storage
 from nst_core.params import StyleParams
 from nst_run import paths
@@ -56,6 +56,7 @@ from tasks.steps import build_run_report, device_limit_exists, read_manifest, re
 
 TABLE_ARTIFACT_ROWS = 1000
 FIRST_FAILURES = 10  # failed and invalid rows named in summary.json (and by `nst run`); all are in results.csv
+SUMMARY_FAILURES = 50  # ... and in the run's summary artifact
 
 DASK_ADDRESS_ENV = "NST_DASK_ADDRESS"  # tcp://scheduler:8786: run the tasks on that dask-distributed cluster
 DASK_RESOURCE_ENV = "NST_DASK_RESOURCE"  # the worker resource one batch holds (default GPU; empty: none)
@@ -66,7 +67,7 @@ def task_runner_from_settings() -> Any:
     address = os.environ.get(DASK_ADDRESS_ENV)
     if address:
         return on_dask(address).task_runner
-    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("NST_THREADS", "8")))
+    return ThreadPoolRunner(max_workers=int(os.environ.get("NST_THREADS", "8")))
 
 
 def on_dask(address: str) -> Any:
@@ -219,8 +220,8 @@ def _summary_markdown(summary: dict[str, Any], failures: list[Outcome]) -> str:
     if summary.get("random_weights"):
         lines += ["", "**WARNING: untrained random VGG-19 weights were used (`random:N`); outputs are smoke-test quality.**"]
     if failures:
-        lines += ["", "## Failed and invalid rows (first 50)", "", "| row | id | status | error |", "|---|---|---|---|"]
-        for o in failures[:50]:
+        lines += ["", f"## Failed and invalid rows (first {SUMMARY_FAILURES})", "", "| row | id | status | error |", "|---|---|---|---|"]
+        for o in failures[:SUMMARY_FAILURES]:
             error = o.error.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {o.row} | {o.id} | {o.status} | {error} |")
     return "\n".join(lines)
@@ -260,7 +261,7 @@ def stylize_manifest(
         raise ManifestError(f"strict: {len(manifest.invalid)} invalid row(s), nothing was run. {first}")
     run = run_name(flow_run.get_name())
     owner = flow_run.get_id() or run  # leases (nst_run.lease) are held in the name of this flow run
-    writer = ResultsWriter(output_uri, run, patience_s=storage_patience_s, part_rows=chunk_size)
+    writer = ResultsWriter(output_uri, run, patience_s=storage_patience_s, part_rows=chunk_size, keep_rows=TABLE_ARTIFACT_ROWS, keep_failures=SUMMARY_FAILURES)
     writer.add([outcome_for_invalid(bad) for bad in manifest.invalid])
     for bad in manifest.invalid:
         logger.warning("invalid %s", bad.error)
@@ -277,7 +278,7 @@ def stylize_manifest(
         """Rows with an outcome: into the results table, then the UI's progress artifact and in-process listeners (nst run's line)."""
         writer.add(outcomes)
         settled["failed"] += sum(o.status == "failed" for o in outcomes)
-        now = Progress(manifest.total, len(writer.outcomes), settled["failed"], len(manifest.invalid), time.perf_counter() - started)
+        now = Progress(manifest.total, writer.settled, settled["failed"], len(manifest.invalid), time.perf_counter() - started)
         update_progress_artifact(progress_id, 100.0 * now.done / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
         publish(now)
 
@@ -319,6 +320,8 @@ def stylize_manifest(
         collecting = time.perf_counter()
         if finished is wanted:
             resolved = resolving.popleft().result()  # a resolve that failed for good fails the run, as before
+            forget_result(resolved, with_elements=False)  # its Work items are given to stylize tasks: their entries go once they do
+            forget_dead_results()
             new, known = flight.add(resolved)
             random_weights = random_weights or any(o.weights_id.startswith("random:") for o in known)
             devices = len(new) if capacity.cpu_only else capacity.devices
@@ -329,10 +332,13 @@ def stylize_manifest(
             settle(known)  # cached rows and inputs that could not be read
             continue
         try:
-            computed = list(finished.result())
+            returned = finished.result()
+            computed = list(returned)
+            forget_result(returned)  # its outcomes: no later task is given them
         except Exception as exc:  # retries exhausted, or an unexpected error: only this unit fails
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             computed = [outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in unit]
+        forget_result(unit)  # the Work items the task was given, its last use of them
         if failed := [o for o in computed if o.status == "failed"]:  # freed in the background: storage may be down
             releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)
@@ -345,7 +351,7 @@ def stylize_manifest(
         release.result()  # release_failed_leases waits up to storage_patience_s, then leaves the lease to expire
     releaser.shutdown()
     counts = writer.counts()
-    failures = [o for o in sorted(writer.outcomes, key=lambda o: o.row) if o.status in ("failed", "invalid")]
+    failures = writer.lowest_failures()
     summary: dict[str, Any] = {
         "run": run,
         "run_folder": writer.folder,
@@ -362,7 +368,7 @@ def stylize_manifest(
     build_run_report(writer.folder, storage_patience_s)  # summary["report"], + thumbs/ and report-files/; a task (tasks/steps.py)
     events.run_finished(run, owner, summary)
     create_table_artifact(
-        table=[o.as_row() for o in sorted(writer.outcomes, key=lambda o: o.row)[:TABLE_ARTIFACT_ROWS]],
+        table=[o.as_row() for o in writer.lowest_rows()],
         key="stylize-results",
         description=f"Results of run {run} (first {TABLE_ARTIFACT_ROWS} rows; all rows in {summary['results_csv']})",
     )

@@ -486,6 +486,12 @@ def _is_aws_endpoint(endpoint_url: str | None) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 
 
+S3_POOL_CONNECTIONS = 32
+"""Connections the process's one S3 client keeps open. Its threads (8 task threads, each resolving
+with 8 more, the report's writers) outnumber botocore's default of 10: it then opened and dropped a
+connection per request beyond the tenth, with a "Connection pool is full" warning each time."""
+
+
 def _s3_client() -> Any:
     pid = os.getpid()
     client = _clients.get(pid)
@@ -512,7 +518,7 @@ def _make_client() -> Any:
         retry_mode_set = bool(os.environ.get("AWS_RETRY_MODE")) or bool(
             core.get_scoped_config().get("retry_mode")
         )
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"max_pool_connections": S3_POOL_CONNECTIONS}
         if not retry_mode_set:
             kwargs["retries"] = {"mode": _DEFAULT_RETRY_MODE}
         client = session.client("s3", region_name=region, config=Config(**kwargs))

@@ -15,11 +15,15 @@ stay one pair.
 
 from __future__ import annotations
 
+import heapq
 import io
+import itertools
 import json
 import logging
 import math
+import pickle
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,8 +68,12 @@ def csv_safe(value: Any) -> Any:
 
 
 def to_frame(outcomes: list[Outcome]) -> pd.DataFrame:
-    rows = [o.as_row() for o in sorted(outcomes, key=lambda o: o.row)]
-    frame = pd.DataFrame(rows)
+    return frame_of_rows([o.as_row() for o in outcomes])
+
+
+def frame_of_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The results table of rows (``Outcome.as_row``) in manifest order: the base columns, then the rest sorted."""
+    frame = pd.DataFrame(sorted(rows, key=lambda r: r["row"]))
     for column in BASE_COLUMNS:
         if column not in frame.columns:
             frame[column] = pd.Series(dtype="object")
@@ -99,6 +107,26 @@ TABLE_RESERVE_PER_CSV_BYTE = 2
 """Bytes held per byte of the rows' CSV: ``results.csv`` and ``results.parquet`` (never larger than the CSV)."""
 
 
+class LowestRows:
+    """The ``n`` outcomes of lowest row number among those added (a bounded heap): the rows a summary or an
+    artifact names, kept without keeping every row."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._heap: list[tuple[int, int, Outcome]] = []  # (-row, arrival, outcome): the root is the highest row kept
+        self._arrival = itertools.count()
+
+    def add(self, outcome: Outcome) -> None:
+        entry = (-outcome.row, next(self._arrival), outcome)
+        if len(self._heap) < self.n:
+            heapq.heappush(self._heap, entry)
+        elif self._heap and entry[:2] > self._heap[0][:2]:
+            heapq.heapreplace(self._heap, entry)
+
+    def sorted(self) -> list[Outcome]:
+        return [outcome for _, _, outcome in sorted(self._heap, key=lambda e: (-e[0], e[1]))]
+
+
 class ResultsWriter:
     """Accumulates outcomes and stores them under ``{output_uri}/runs/{run}/``.
 
@@ -107,14 +135,20 @@ class ResultsWriter:
     fail their own rows (the disk is full), and the run still ends with its results table.
 
     Rows are written as they come in parts of ``part_rows`` (``parts/results-NNNNN.csv``), so a run
-    that dies part way leaves what it settled; :meth:`finish` writes the whole table.
+    that dies part way leaves what it settled; :meth:`finish` writes the whole table. Until then the
+    rows wait in a local temporary file, not in memory: a run of 100,000 rows holds its counts, the
+    ``keep_rows`` lowest rows and the ``keep_failures`` lowest failed or invalid rows, whatever its length.
     """
 
-    def __init__(self, output_uri: str, run: str, patience_s: float = 300.0, part_rows: int = 64):
+    def __init__(self, output_uri: str, run: str, patience_s: float = 300.0, part_rows: int = 64, keep_rows: int = 0, keep_failures: int = 0):
         self.folder = paths.run_folder(output_uri, run)
-        self.outcomes: list[Outcome] = []
         self.patience_s = patience_s
         self.part_rows = max(1, part_rows)
+        self.settled = 0  # rows added
+        self._found: Counter[str] = Counter()
+        self._lowest = LowestRows(keep_rows)
+        self._lowest_failures = LowestRows(keep_failures)
+        self._spool = tempfile.TemporaryFile(prefix="nst-results-")  # pickled batches of rows, read back by finish()
         self._unwritten: list[Outcome] = []
         self._parts = 0
         self._csv_bytes = 0  # of every row so far, as the parts hold them
@@ -132,7 +166,13 @@ class ResultsWriter:
             log.warning("no room to hold for the results table (%s): it may not fit at the end", exc)
 
     def add(self, outcomes: list[Outcome]) -> None:
-        self.outcomes.extend(outcomes)
+        pickle.dump([o.as_row() for o in outcomes], self._spool, protocol=pickle.HIGHEST_PROTOCOL)
+        for outcome in outcomes:
+            self._found[outcome.status] += 1
+            self._lowest.add(outcome)
+            if outcome.status in ("failed", "invalid"):
+                self._lowest_failures.add(outcome)
+        self.settled += len(outcomes)
         self._unwritten.extend(outcomes)
         if len(self._unwritten) >= self.part_rows:
             self._write_part()
@@ -154,8 +194,24 @@ class ResultsWriter:
             log.warning("results part %s not written (%s); the final results.csv will hold its rows", part, exc)
 
     def counts(self) -> dict[str, int]:
-        found = Counter(o.status for o in self.outcomes)
-        return {status: found.get(status, 0) for status in STATUSES}
+        return {status: self._found.get(status, 0) for status in STATUSES}
+
+    def lowest_rows(self) -> list[Outcome]:
+        """The ``keep_rows`` outcomes of lowest row number, in row order."""
+        return self._lowest.sorted()
+
+    def lowest_failures(self) -> list[Outcome]:
+        """The ``keep_failures`` failed or invalid outcomes of lowest row number, in row order."""
+        return self._lowest_failures.sorted()
+
+    def _spooled_rows(self) -> list[dict[str, Any]]:
+        self._spool.seek(0)
+        rows: list[dict[str, Any]] = []
+        while True:
+            try:
+                rows.extend(pickle.load(self._spool))  # our own file, written by add() in this process
+            except EOFError:
+                return rows
 
     def finish(self, summary: dict[str, Any]) -> dict[str, str]:
         """Write ``results.csv``, ``results.parquet`` and ``summary.json`` (in the room held for them).
@@ -165,7 +221,8 @@ class ResultsWriter:
             StorageError: storage refused a file, or stayed unreachable past ``patience_s``.
         """
         self._write_part()
-        frame = to_frame(self.outcomes)
+        frame = frame_of_rows(self._spooled_rows())
+        self._spool.close()
         locations = {
             "results_csv": paths.run_file(self.folder, paths.RESULTS_CSV),
             "results_parquet": paths.run_file(self.folder, paths.RESULTS_PARQUET),

@@ -50,3 +50,38 @@ def test_batches_across_row_groups_read_every_row_once_in_order(tmp_path: Path):
     assert [r["id"] for r in rows] == [f"row-{i:06d}" for i in range(ROWS)]
     assert [r["row"] for r in rows] == list(range(1, ROWS + 1))
     assert rows[-1]["loss_total"] == 1000.0 - (ROWS - 1) / 10
+
+
+def test_the_writer_keeps_no_row_in_memory_and_the_final_table_holds_every_row(tmp_path: Path):
+    """Rows wait in a temporary file until ``finish``: the writer holds its counts, the rows of the part
+    being filled, the lowest rows it was asked to keep and the lowest failures, whatever the run's
+    length (old code: every Outcome)."""
+    import gc
+    import random
+
+    from nst_run.planning import Outcome
+    from nst_run.results import ResultsWriter
+
+    def live_outcomes() -> int:
+        gc.collect()
+        return sum(type(o) is Outcome for o in gc.get_objects())
+
+    rows = list(range(1, 501))
+    random.Random(0).shuffle(rows)  # rows settle out of manifest order
+    writer = ResultsWriter(str(tmp_path / "out"), "run", part_rows=64, keep_rows=3, keep_failures=2)
+    before = live_outcomes()
+    for start in range(0, len(rows), 25):
+        writer.add([
+            Outcome(row=r, id=f"r{r}", status="failed" if r % 7 == 0 else "succeeded", error="boom" if r % 7 == 0 else "", meta={"note": "x" * 200})
+            for r in rows[start:start + 25]
+        ])  # fmt: skip
+    assert live_outcomes() - before <= 64 + 3 + 2  # a part's rows not yet written, and the rows asked for (old code: 500)
+    assert writer.settled == 500
+    assert writer.counts()["failed"] == 500 // 7 and writer.counts()["succeeded"] == 500 - 500 // 7
+    assert [o.row for o in writer.lowest_rows()] == [1, 2, 3]
+    assert [o.row for o in writer.lowest_failures()] == [7, 14]
+    locations = writer.finish({"run": "run"})
+    table = pd.read_parquet(locations["results_parquet"])
+    assert list(table["row"]) == list(range(1, 501))
+    assert list(pd.read_csv(locations["results_csv"])["row"]) == list(range(1, 501))
+    assert set(table.loc[table["row"] % 7 == 0, "status"]) == {"failed"} and set(table["note"]) == {"x" * 200}
