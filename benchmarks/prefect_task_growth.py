@@ -8,8 +8,9 @@ drops its futures. Measured three times, each in a fresh process: as Prefect lea
 dropping after each chunk the two per-task-run records Prefect 3 never drops during a flow run
 (``forget``, :func:`forget_task_runs`): ``FlowRunContext.run_results`` (a state copy per result and per
 element of it) and ``ThreadPoolTaskRunner._cancel_events`` (a ``threading.Event`` per task run); and
-with the flow waiting for Prefect's events worker before each chunk (``drain``, what
-``flows/stylize_manifest.py`` does: ``flows.events.wait_for_delivery``). Reports both records' sizes
+with the flow waiting for Prefect's events worker before each chunk (``drain``:
+``flows.events.wait_for_delivery``); and both, the way ``flows/stylize_manifest.py`` does them
+(``flow``: the wait, :class:`flows.retention.ThreadPoolRunner` and ``forget_result`` of each result). Reports both records' sizes
 at the end, the Python heap's growth (tracemalloc) over the second half per 1,000 task runs, the
 allocation sites that grew most, and the live ``TaskRun`` / ``TaskRunContext`` objects at the end:
 how many, how many of them only the events worker's queued contexts reach, and how many are left
@@ -53,7 +54,7 @@ def forget_task_runs(task_run_ids: Iterable[UUID]) -> int:
     return len(stale)
 
 
-MODES = ("keep", "forget", "drain")
+MODES = ("keep", "forget", "drain", "flow")
 
 
 @dataclass
@@ -119,6 +120,7 @@ def measure(tasks: int, chunk: int, mode: str) -> dict[str, Any]:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.events import DELIVERY_WAIT_S, wait_for_delivery
+    from flows.retention import ThreadPoolRunner, forget_result
 
     @task(cache_policy=NO_CACHE)
     def work(i: int) -> list[Out]:
@@ -126,17 +128,20 @@ def measure(tasks: int, chunk: int, mode: str) -> dict[str, Any]:
 
     snapshots: list[Any] = []
 
-    @flow(task_runner=ThreadPoolTaskRunner(max_workers=8))
+    @flow(task_runner=(ThreadPoolRunner if mode == "flow" else ThreadPoolTaskRunner)(max_workers=8))
     def many() -> tuple[int, int, list[tuple[int, float]]]:
         context = FlowRunContext.get()
         marks = []
         for start in range(0, tasks, chunk):
             futures = [work.submit(i) for i in range(start, min(tasks, start + chunk))]
             for future in as_completed(futures):
-                future.result()
+                result = future.result()
+                if mode == "flow":
+                    forget_result(result)
+                del result
             if mode == "forget":
                 forget_task_runs(f.task_run_id for f in futures)
-            if mode == "drain":
+            if mode in ("drain", "flow"):
                 wait_for_delivery(DELIVERY_WAIT_S)
             del futures
             gc.collect()
