@@ -11,6 +11,9 @@ Prefect 3.8 keeps two records of every task run for the whole flow run, finished
   and each of its elements), so a later task given that object is drawn as depending on it. Entries
   stay after the object is gone (PrefectHQ/prefect#20558). :func:`forget_result` drops a consumed
   result's entries; :func:`forget_dead_results` drops those whose object no longer exists.
+- ``FlowRunContext.task_run_assets``: the assets each task run passes downstream, an empty set for a
+  task without assets (all of this project's). :func:`forget_no_assets` drops the empty ones: a task
+  run that is not in it has none, as Prefect reads it.
 
 Both reach into Prefect's private state, checked for its type: if a Prefect release renames it, these
 become no-ops (the growth comes back; ``tests/integration/test_scale.py`` fails) rather than errors.
@@ -66,3 +69,14 @@ def forget_dead_results() -> int:
     for key in dead:
         results.pop(key, None)
     return len(dead)
+
+
+def forget_no_assets() -> int:
+    """Drop the flow run's records of task runs that pass no assets downstream; how many were dropped."""
+    assets = getattr(FlowRunContext.get(), "task_run_assets", None)
+    if not isinstance(assets, dict):
+        return 0
+    empty = [task_run_id for task_run_id, found in list(assets.items()) if not found]
+    for task_run_id in empty:
+        assets.pop(task_run_id, None)
+    return len(empty)

@@ -33,7 +33,7 @@ from pydantic import Field
 from flows import events
 from flows.hooks import describe_parameters, notify_failure
 from flows.progress import Progress, publish
-from flows.retention import ThreadPoolRunner, forget_dead_results, forget_result
+from flows.retention import ThreadPoolRunner, forget_dead_results, forget_no_assets, forget_result
 from nst_core import storage
 from nst_core.params import StyleParams
 from nst_run import paths
@@ -339,6 +339,7 @@ def stylize_manifest(
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             computed = [outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in unit]
         forget_result(unit)  # the Work items the task was given, its last use of them
+        forget_no_assets()
         if failed := [o for o in computed if o.status == "failed"]:  # freed in the background: storage may be down
             releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)

@@ -205,19 +205,20 @@ def test_once_events_are_delivered_prefect_holds_no_finished_task_run(prefect_se
 def test_the_flow_keeps_nothing_per_settled_row(prefect_server, sample_images, tmp_path):
     """What Prefect keeps in the flow's process per task run is bounded by the work in flight, not by
     the rows settled: a cancel event per task run and a state per returned object (flows.retention).
-    Old code: 46 states kept at the last row (10 before the first) and an event for every task run."""
+    Old code: 46 states kept at the last row (10 before the first), an event and an asset record for
+    every task run."""
     from prefect.context import FlowRunContext
 
     from flows.progress import listening
     from flows.stylize_manifest import stylize_manifest
 
     rows = 12
-    seen: list[tuple[int, int, int]] = []  # (rows done, states kept, cancel events kept) at each progress update
+    seen: list[tuple[int, int, int, int]] = []  # (rows done, states, cancel events, asset records kept) at each progress update
 
     def count(progress) -> None:
         context = FlowRunContext.get()
         assert context is not None
-        seen.append((progress.done, len(context.run_results), len(getattr(context.task_runner, "_cancel_events", {}))))
+        seen.append((progress.done, len(context.run_results), len(getattr(context.task_runner, "_cancel_events", {})), len(context.task_run_assets)))
 
     with listening(count):
         summary = stylize_manifest(
@@ -226,8 +227,10 @@ def test_the_flow_keeps_nothing_per_settled_row(prefect_server, sample_images, t
             return_state=True,
         ).result()  # fmt: skip
     assert summary["counts"]["succeeded"] == rows
-    (first_done, first_states, _), (last_done, last_states, last_events) = seen[0], seen[-1]
+    (first_done, first_states, _, _), (last_done, last_states, last_events, last_assets) = seen[0], seen[-1]
     assert first_done == 0 and last_done == rows, seen
     # Before any row settled: the run's own results (manifest, limits) and the first chunks' Work items.
     # At the end, fewer: nothing is kept for the 12 rows settled, and no finished task run's event.
     assert last_states <= first_states and last_events == 0, seen
+    # Asset records (empty: no task here has assets) are dropped as each unit is collected.
+    assert last_assets <= 1, seen
