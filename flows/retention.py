@@ -1,8 +1,8 @@
 """What Prefect keeps per task run in the flow's process, let go once the flow has used it.
 
-Prefect 3.8 keeps two records of every task run for the whole flow run, finished or not. On a
+Prefect 3.8 keeps three records of every task run for the whole flow run, finished or not. On a
 100,000-row manifest they are the flow process's growth (counted by ``benchmarks/soak.py
---count-objects``: one ``threading.Event``, ``State`` and ``StateDetails`` per task run):
+--count-objects``: one ``threading.Event``, ``State``, ``StateDetails`` and ``UUID`` per task run):
 
 - ``ThreadPoolTaskRunner._cancel_events``: an event per submitted task run, set when the runner shuts
   down so running tasks can stop. A finished task run needs none: :class:`ThreadPoolRunner` drops
@@ -15,7 +15,7 @@ Prefect 3.8 keeps two records of every task run for the whole flow run, finished
   task without assets (all of this project's). :func:`forget_no_assets` drops the empty ones: a task
   run that is not in it has none, as Prefect reads it.
 
-Both reach into Prefect's private state, checked for its type: if a Prefect release renames it, these
+All three reach into Prefect's private state, checked for its type: if a Prefect release renames it, these
 become no-ops (the growth comes back; ``tests/integration/test_scale.py`` fails) rather than errors.
 """
 

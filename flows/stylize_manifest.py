@@ -272,13 +272,10 @@ def stylize_manifest(
     resolve = resolve_items.with_options(retries=retries, retry_delay_seconds=delays, retry_jitter_factor=RETRY_JITTER_FACTOR)
     events.run_started(run, owner, rows=manifest.total, invalid=len(manifest.invalid), manifest_uri=manifest_uri, output_uri=output_uri)
 
-    settled = {"failed": 0}
-
     def settle(outcomes: list[Outcome]) -> None:
         """Rows with an outcome: into the results table, then the UI's progress artifact and in-process listeners (nst run's line)."""
         writer.add(outcomes)
-        settled["failed"] += sum(o.status == "failed" for o in outcomes)
-        now = Progress(manifest.total, writer.settled, settled["failed"], len(manifest.invalid), time.perf_counter() - started)
+        now = Progress(manifest.total, writer.settled, writer.counts()["failed"], len(manifest.invalid), time.perf_counter() - started)
         update_progress_artifact(progress_id, 100.0 * now.done / total)  # type: ignore[arg-type]  # sync in a flow: a UUID, not the coroutine
         publish(now)
 

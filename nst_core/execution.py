@@ -181,7 +181,9 @@ def choose_execution(
         if key in _CHOICES:
             return _CHOICES[key]
         # Measured under the lock: two threads on one device would time each other.
-        timings = {option: time_pass(network, option, shape, layers, repeats=0) for option in options}  # warm-up passes
+        for option in options:
+            time_pass(network, option, shape, layers, repeats=0)  # a warm-up pass each
+        timings = dict.fromkeys(options, math.inf)
         for _ in range(MEASURE_REPEATS):
             for option in options:
                 timings[option] = min(timings[option], time_pass(network, option, shape, layers, repeats=1, warmup=False))

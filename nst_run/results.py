@@ -67,10 +67,6 @@ def csv_safe(value: Any) -> Any:
     return value
 
 
-def to_frame(outcomes: list[Outcome]) -> pd.DataFrame:
-    return frame_of_rows([o.as_row() for o in outcomes])
-
-
 def frame_of_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The results table of rows (``Outcome.as_row``) in manifest order: the base columns, then the rest sorted."""
     frame = pd.DataFrame(sorted(rows, key=lambda r: r["row"]))
@@ -144,12 +140,11 @@ class ResultsWriter:
         self.folder = paths.run_folder(output_uri, run)
         self.patience_s = patience_s
         self.part_rows = max(1, part_rows)
-        self.settled = 0  # rows added
-        self._found: Counter[str] = Counter()
+        self._found: Counter[str] = Counter()  # rows added, by status
         self._lowest = LowestRows(keep_rows)
         self._lowest_failures = LowestRows(keep_failures)
         self._spool = tempfile.TemporaryFile(prefix="nst-results-")  # pickled batches of rows, read back by finish()
-        self._unwritten: list[Outcome] = []
+        self._unwritten: list[dict[str, Any]] = []  # rows (Outcome.as_row) of the part being filled
         self._parts = 0
         self._csv_bytes = 0  # of every row so far, as the parts hold them
         self._reserve = paths.run_file(self.folder, paths.TABLE_RESERVE)
@@ -166,14 +161,14 @@ class ResultsWriter:
             log.warning("no room to hold for the results table (%s): it may not fit at the end", exc)
 
     def add(self, outcomes: list[Outcome]) -> None:
-        pickle.dump([o.as_row() for o in outcomes], self._spool, protocol=pickle.HIGHEST_PROTOCOL)
+        rows = [o.as_row() for o in outcomes]
+        pickle.dump(rows, self._spool, protocol=pickle.HIGHEST_PROTOCOL)
         for outcome in outcomes:
             self._found[outcome.status] += 1
             self._lowest.add(outcome)
             if outcome.status in ("failed", "invalid"):
                 self._lowest_failures.add(outcome)
-        self.settled += len(outcomes)
-        self._unwritten.extend(outcomes)
+        self._unwritten.extend(rows)
         if len(self._unwritten) >= self.part_rows:
             self._write_part()
 
@@ -183,7 +178,7 @@ class ResultsWriter:
         rows, self._unwritten = self._unwritten, []
         self._parts += 1
         part = paths.results_part(self.folder, self._parts)
-        data = csv_bytes(to_frame(rows))
+        data = csv_bytes(frame_of_rows(rows))
         self._csv_bytes += len(data)
         self._hold_room()
         try:
@@ -192,6 +187,11 @@ class ResultsWriter:
             if not (exc.transient or isinstance(exc, storage.NoSpace)):
                 raise
             log.warning("results part %s not written (%s); the final results.csv will hold its rows", part, exc)
+
+    @property
+    def settled(self) -> int:
+        """Rows added so far."""
+        return sum(self._found.values())
 
     def counts(self) -> dict[str, int]:
         return {status: self._found.get(status, 0) for status in STATUSES}
