@@ -9,7 +9,9 @@
 Reports items per minute, the flow's own overhead per item, peak memory (RSS)
 of the flow process and of the Prefect server, and the flow process's memory
 growth per 1,000 items (a least-squares slope of RSS against rows finished, over
-the second half of the rows, after warm-up), with the RSS, rows finished and
+the second half of the rows, after warm-up, while rows still finish; the rise
+while the final tables and report are written after the last row is reported
+apart, ``finish_rss_rise_mb``), with the RSS, rows finished and
 Prefect's events backlog sampled every ``--sample`` seconds. With ``--json`` the
 figures so far are rewritten every minute, so a run stopped early leaves them
 (``finished: false``, ``rows_reached``). ``--count-objects`` counts gc-tracked
@@ -264,7 +266,11 @@ def figures_so_far(sampler: Sampler, start: float, args: argparse.Namespace, bas
     done = summary["counts"]["succeeded"] if summary else (samples[-1][1][1] if samples else 0)
     wall = summary["wall_time_s"] if summary else now - start
     reached = samples[-1][1][1] if samples else 0
-    after_warmup = [(d, m) for (_, m, _), (_, d, _) in samples if d >= reached / 2]
+    # Growth per item is measured while rows still finish: once the last has, the flow writes the final
+    # tables, summary and report (a one-off cost of the run's end, reported on its own as finish_rss_rise_mb).
+    after_warmup = [(d, m) for (_, m, _), (_, d, _) in samples if reached / 2 <= d < args.items]
+    running = [m for (_, m, _), (_, d, _) in samples if d < args.items]
+    finishing = [m for (_, m, _), (_, d, _) in samples if d >= args.items]
     by_thousand: dict[int, float] = {}
     for (_, m, _), (_, d, _) in samples:
         by_thousand.setdefault(d // 1000 * 1000, m)
@@ -286,6 +292,7 @@ def figures_so_far(sampler: Sampler, start: float, args: argparse.Namespace, bas
         "peak_prefect_server_rss_mb": max((c for _, _, c in sampler.samples), default=0.0),
         "flow_rss_growth_mb_per_1000_items": _slope([d for d, _ in after_warmup], [m for _, m in after_warmup]) * 1000,
         "growth_measured_from_rows": min((d for d, _ in after_warmup), default=0),
+        "finish_rss_rise_mb": max(finishing) - running[-1] if finishing and running else None,
         "peak_events_backlog": max((b for _, _, b in sampler.progress), default=0),
         "load_average_1_5_15": [round(x, 2) for x in load], "cpu_count": os.cpu_count(),
         "storage": "local" if args.local else "s3", "sample_every_s": args.sample,
