@@ -20,7 +20,8 @@ exists only in this benchmark; every test of the engine runs the real VGG-19.
 the busy time is each worker's time inside the real ``_optimise_and_judge`` (recorded by a worker plugin).
 
 ``--order manifest cost`` runs the baseline (units dispatched in manifest order) and the flow as it
-is (the costliest first, :func:`nst_run.planning.costliest_first`) one after the other in the same run.
+is (the costliest first: the whole manifest by :func:`nst_run.planning.rows_costliest_first`, then the units
+waiting by :func:`nst_run.planning.costliest_first`) one after the other in the same run.
 
 Reported per K: the busy fraction (time devices spent optimising / (K x the span from the first
 optimisation's start to the last one's end)), the same over the flow's whole wall time, and the
@@ -176,16 +177,16 @@ class DispatchClock:
 
 @contextlib.contextmanager
 def dispatch_order(order: str):  # type: ignore[no-untyped-def]
-    """``cost``: the flow as it is (costliest units first); ``manifest``: the baseline, units in manifest order."""
+    """``cost``: the flow as it is (rows and units costliest first); ``manifest``: the baseline, manifest order."""
     from flows import stylize_manifest as module
 
-    real = module.costliest_first
+    real = module.costliest_first, module.rows_costliest_first
     if order == "manifest":
-        module.costliest_first = list
+        module.costliest_first = module.rows_costliest_first = list
     try:
         yield
     finally:
-        module.costliest_first = real
+        module.costliest_first, module.rows_costliest_first = real
 
 
 def write_manifest(bucket: str, rows: int, iterations: list[int] | None = None) -> str:

@@ -50,6 +50,7 @@ from nst_run.planning import (
     outcome_for_invalid,
     outcome_for_row,
     plan_units,
+    rows_costliest_first,
 )
 from nst_run.results import ResultsWriter, run_name
 from tasks.steps import build_run_report, device_limit_exists, read_manifest, resolve_items, stylize_items
@@ -112,14 +113,16 @@ class Capacity:
     tasks: int
     cpu_only: bool
     where: str
+    binds_early: bool = False  # a task submitted is bound to a device at once (dask), not when it reaches one
 
     @property
     def window(self) -> int:
-        """Task runs kept in flight: what runs at once (on dask two per device: one optimising, one
-        fetching or storing) plus one queued per device, to cover the flow's reaction time. No more:
-        a unit queued on a worker is bound to it, and with long-tailed item times early binding
-        leaves some devices idle while others still hold a queue."""
-        return self.tasks + self.devices
+        """Task runs kept in flight: what runs at once (on dask two per device: one optimising while the
+        other fetches, stores or waits for the device, which covers the flow's reaction time). No more:
+        a unit queued on a worker is bound to it, and with long-tailed item times early binding leaves
+        some devices idle while others still hold a queue (measured at K=64: benchmarks/fleet.py).
+        In-process a queued task waits for whichever device frees first, so one more per device is kept."""
+        return self.tasks if self.binds_early else self.tasks + self.devices
 
     def describe(self) -> str:
         return f"{self.where}: {self.devices} device(s), {self.tasks} task(s) at once, up to {self.window} in flight"
@@ -139,7 +142,7 @@ def runner_capacity() -> Capacity:
             held = int(worker.get("resources", {}).get(resource, 0)) if resource else 1
             devices += held
             tasks += min(int(worker.get("nthreads", 1)), held * share) if resource else int(worker.get("nthreads", 1))
-        return Capacity(max(1, devices), max(1, tasks), False, f"dask ({len(workers)} workers)")
+        return Capacity(max(1, devices), max(1, tasks), False, f"dask ({len(workers)} workers)", binds_early=True)
     threads = int(getattr(runner, "_max_workers", 0) or os.environ.get("NST_THREADS", "8"))
     return Capacity(len(DEVICES.devices), max(1, threads), DEVICES.devices[0].type == "cpu", "this process")
 
@@ -288,7 +291,7 @@ def stylize_manifest(
     pace = DispatchPace()  # units grow when the flow's cost per unit would leave devices waiting
     flight = ItemsInFlight()
     units: collections.deque[list[Work]] = collections.deque()
-    pending_chunks = iter(chunks(manifest.rows, chunk_size))
+    pending_chunks = iter(chunks(rows_costliest_first(manifest.rows), chunk_size))  # longest first over the whole run
     resolving: collections.deque[Any] = collections.deque()  # resolve futures, oldest first
     random_weights = False
     releaser = ThreadPoolExecutor(1, thread_name_prefix="nst-release")  # leases of failed items, freed off the dispatch loop

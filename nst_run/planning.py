@@ -6,7 +6,8 @@
   compute ``item_id``, see whether the item is already done (``meta.json`` present: ``cached``).
 * :func:`plan_units`: items in the units tasks compute (compatible ones, same parameters and sizes,
   together; small groups packed into one unit when the flow needs bigger units);
-  :func:`costliest_first` the order they are dispatched in (by :func:`unit_cost`);
+  :func:`rows_costliest_first` and :func:`costliest_first` the order rows and units are dispatched in
+  (by :func:`item_cost`);
   :class:`ItemsInFlight` the rows waiting on each item; :func:`for_row` the outcome of each row
   from the computation it shares.
 
@@ -261,17 +262,22 @@ def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: 
     return packed + ([current] if current else [])
 
 
-def unit_cost(unit: list[Work]) -> float:
-    """A unit's expected optimisation cost, in pixel-iterations: each item's iterations at each stage times
-    that stage's pixels (an iteration's convolutions scale with the pixels). Items whose size is unknown
-    count as square. Only the order of units depends on it; early stopping makes it an upper bound."""
+def item_cost(params: StyleParams, content_size: tuple[int, int] | None) -> float:
+    """An item's expected optimisation cost, in pixel-iterations: its iterations at each stage times that
+    stage's pixels (an iteration's convolutions scale with the pixels). A content of unknown size (a row
+    not yet resolved) counts as square: its long side is known, its aspect is not. Early stopping makes
+    this an upper bound; only the order of work depends on it."""
+    width, height = content_size or (1, 1)
     cost = 0.0
-    for work in unit:
-        width, height = work.content_size or (1, 1)
-        for side, iterations in work.row.params.stages:
-            fitted = images.fitted_size(width, height, side)
-            cost += iterations * fitted[0] * fitted[1]
+    for side, iterations in params.stages:
+        fitted = images.fitted_size(width, height, side)
+        cost += iterations * fitted[0] * fitted[1]
     return cost
+
+
+def unit_cost(unit: list[Work]) -> float:
+    """A unit's expected optimisation cost: the sum of its items' :func:`item_cost`."""
+    return sum(item_cost(work.row.params, work.content_size) for work in unit)
 
 
 def costliest_first(units: list[list[Work]]) -> list[list[Work]]:
@@ -280,8 +286,19 @@ def costliest_first(units: list[list[Work]]) -> list[list[Work]]:
     The run's last units decide how long devices wait for the slowest one; dispatching the long ones
     early and the short ones last (longest-processing-time first, Graham 1969) leaves the short ones
     to fill the devices' ends. Applied to the units waiting for a device (the flow lets at most a window
-    and two chunks of them wait), so rows are reordered only within a few chunks."""
+    and two chunks of them wait); :func:`rows_costliest_first` orders the whole manifest beforehand."""
     return sorted(units, key=unit_cost, reverse=True)
+
+
+def rows_costliest_first(rows: list[RowSpec]) -> list[RowSpec]:
+    """The manifest's rows in the order they are resolved and dispatched: the costliest first by what the
+    manifest alone says (:func:`item_cost` of a square content), stable for equal costs (manifest order).
+
+    Ordering units within a few chunks (:func:`costliest_first`) is not enough: a long row in the last
+    chunk would still start last and keep one device busy while the rest wait. Every row's parameters are
+    known once the manifest is read, so the whole run is put in longest-first order before any is resolved.
+    A manifest whose rows all ask for the same work keeps its order."""
+    return sorted(rows, key=lambda row: item_cost(row.params, None), reverse=True)
 
 
 @dataclass

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from nst_core.params import StyleParams
 from nst_run.manifest import RowSpec
-from nst_run.planning import AUTO_MAX_ITEMS, DispatchPace, ItemsInFlight, Outcome, Work, costliest_first, plan_units, unit_cost
+from nst_run.planning import (
+    AUTO_MAX_ITEMS,
+    DispatchPace,
+    ItemsInFlight,
+    Outcome,
+    Work,
+    costliest_first,
+    item_cost,
+    plan_units,
+    rows_costliest_first,
+    unit_cost,
+)
 
 
 def _work(i: int, item: str | None = None, size: tuple[int, int] = (400, 300), **params: object) -> Work:
@@ -69,3 +80,23 @@ def test_items_of_different_shapes_are_packed_together_when_the_flow_needs_bigge
     big = [_work(100 + i) for i in range(8)]  # one group of 8 stays whole; the odd ones are packed
     units = plan_units(big + works[:3], 0, devices=1, min_items=3)
     assert sorted(len(u) for u in units) == [3, 8]
+
+
+def test_the_whole_manifest_is_ordered_longest_first_before_any_row_is_resolved() -> None:
+    rows = [_work(i, iterations=n).row for i, n in enumerate([10, 40, 10, 150, 40])]
+    rows.append(_work(5, iterations=10, size=(64, 64), scales=(0.5, 1.0)).row)  # the coarse stage adds its pixels
+    assert item_cost(rows[3].params, None) == 150 * 64 * 64  # size unknown before resolving: a square content
+    assert item_cost(rows[3].params, (400, 300)) == unit_cost([_work(3, iterations=150)])
+    assert [r.row for r in rows_costliest_first(rows)] == [3, 1, 4, 5, 0, 2]  # equal costs keep manifest order
+    same = [_work(i).row for i in range(50)]
+    assert rows_costliest_first(same) == same  # rows asking for the same work keep their order
+
+
+def test_a_dask_fleet_keeps_no_unit_queued_on_a_worker_beyond_what_it_runs() -> None:
+    from flows.stylize_manifest import Capacity
+
+    # On dask a submitted unit is bound to one worker: a third unit per device would wait there even when
+    # another device is idle, so the window is the task runs the workers run at once (two per device).
+    assert Capacity(devices=64, tasks=128, cpu_only=False, where="dask", binds_early=True).window == 128
+    # In-process a waiting task takes whichever device frees first: one more per device covers the reaction time.
+    assert Capacity(devices=1, tasks=8, cpu_only=True, where="this process").window == 9
