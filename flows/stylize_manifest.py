@@ -296,7 +296,7 @@ def stylize_manifest(
     random_weights = False
     releaser = ThreadPoolExecutor(1, thread_name_prefix="nst-release")  # leases of failed items, freed off the dispatch loop
     releases: list[Any] = []
-    own_s = 0.0  # the loop's own time since the last unit was collected (submitting)
+    items_left = len(manifest.rows)  # rows not yet given to a task (an upper bound on the items left)
     unit_floor = 1
     while True:
         while len(resolving) < RESOLVE_AHEAD and (chunk := next(pending_chunks, None)) is not None:
@@ -309,7 +309,8 @@ def stylize_manifest(
                     unit, output_uri, item_timeout_s, owner, lease_ttl_s, lease_wait_s, force,
                     batch_size=batch_size, store_retry_delays=delays, device_limit=device_limit,
                 ), unit)  # fmt: skip
-            own_s += time.perf_counter() - submitting
+            pace.submitted(time.perf_counter() - submitting)
+            items_left -= len(unit)
         if not window and not resolving:
             break
         # A new chunk is taken in only while at most a window and two chunks of units wait: what is planned
@@ -325,7 +326,8 @@ def stylize_manifest(
             new, known = flight.add(resolved)
             random_weights = random_weights or any(o.weights_id.startswith("random:") for o in known)
             devices = len(new) if capacity.cpu_only else capacity.devices
-            if (min_items := pace.min_items(capacity.devices)) != unit_floor:
+            items_left -= len(resolved) - len(new)  # cached, unreadable, or joining an item in flight
+            if (min_items := pace.min_items(capacity.devices, items_left)) != unit_floor:
                 unit_floor = min_items
                 logger.info("units of at least %d item(s): %.2f s of the flow's time per unit, %.2f s per item", min_items, pace.cost_s, pace.item_s)
             units = collections.deque(costliest_first([*units, *plan_units(new, batch_size, devices, min_items)]))
@@ -346,8 +348,7 @@ def stylize_manifest(
         settle(flight.settle(computed))
         for outcome in computed:
             pace.item_time(outcome.duration_s)
-        pace.unit_cost(own_s + time.perf_counter() - collecting)
-        own_s = 0.0
+        pace.collected(time.perf_counter() - collecting)
     for release in releases:
         release.result()  # release_failed_leases waits up to storage_patience_s, then leaves the lease to expire
     releaser.shutdown()

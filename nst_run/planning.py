@@ -303,33 +303,56 @@ def rows_costliest_first(rows: list[RowSpec]) -> list[RowSpec]:
 
 @dataclass
 class DispatchPace:
-    """How big units must be for the flow to keep every device fed.
+    """How big units must be for the flow to keep every device fed, and how big they may be.
 
-    The flow spends ``cost_s`` of its own time per unit (submitting it and collecting its outcome:
-    with a dask runner, mostly Prefect's serialisation of the task run), and each item keeps a device
-    busy ``item_s``. ``D`` devices finish ``D / item_s`` items a second, and the flow starts at most
-    ``n / cost_s`` items a second with units of ``n``; so units need ``n >= D * cost_s / item_s``.
-    :meth:`min_items` asks for twice that (headroom for slow moments). Both figures are running
-    averages (weight :data:`PACE_WEIGHT` on the newest) of what the run measured.
+    The flow spends ``cost_s`` of its own time per unit (``submit_s`` submitting it and ``collect_s``
+    collecting its outcome: with a dask runner, mostly Prefect's serialisation of the task run), and
+    each item keeps a device busy ``item_s``. ``D`` devices finish ``D / item_s`` items a second, and
+    the flow starts at most ``n / cost_s`` items a second with units of ``n``; so units need
+    ``n >= D * cost_s / item_s``. :meth:`min_items` asks for twice that (headroom for slow moments),
+    but never so much that the items left give a device fewer than :data:`UNITS_LEFT_PER_DEVICE`
+    units: a unit is committed to one device, and one big unit at the end keeps its device busy while
+    the others wait. Each figure is a running average (weight :data:`PACE_WEIGHT` on the newest) of
+    what the run measured, per unit: the flow submits a whole window before it collects anything,
+    and that burst is many units' cost, not one's.
     """
 
-    cost_s: float = 0.0
+    submit_s: float = 0.0
+    collect_s: float = 0.0
     item_s: float = 0.0
 
-    def unit_cost(self, seconds: float) -> None:
-        self.cost_s = seconds if not self.cost_s else (1 - PACE_WEIGHT) * self.cost_s + PACE_WEIGHT * seconds
+    @property
+    def cost_s(self) -> float:
+        return self.submit_s + self.collect_s
+
+    def submitted(self, seconds: float) -> None:
+        """The flow's time to submit one unit."""
+        self.submit_s = _running_average(self.submit_s, seconds)
+
+    def collected(self, seconds: float) -> None:
+        """The flow's time to collect one unit's outcomes (settling them included)."""
+        self.collect_s = _running_average(self.collect_s, seconds)
 
     def item_time(self, seconds: float) -> None:
         if seconds > 0:
-            self.item_s = seconds if not self.item_s else (1 - PACE_WEIGHT) * self.item_s + PACE_WEIGHT * seconds
+            self.item_s = _running_average(self.item_s, seconds)
 
-    def min_items(self, devices: int) -> int:
+    def min_items(self, devices: int, items_left: int | None = None) -> int:
+        """The fewest items a unit should hold, given ``devices`` and (when known) the ``items_left`` to dispatch."""
         if not self.cost_s or not self.item_s:
             return 1
-        return max(1, min(AUTO_MAX_ITEMS, math.ceil(2 * devices * self.cost_s / self.item_s)))
+        wanted = math.ceil(2 * devices * self.cost_s / self.item_s)
+        if items_left is not None:
+            wanted = min(wanted, items_left // (UNITS_LEFT_PER_DEVICE * max(1, devices)))
+        return max(1, min(AUTO_MAX_ITEMS, wanted))
+
+
+def _running_average(average: float, sample: float) -> float:
+    return sample if not average else (1 - PACE_WEIGHT) * average + PACE_WEIGHT * sample
 
 
 PACE_WEIGHT = 0.2
+UNITS_LEFT_PER_DEVICE = 4  # the fewest units per device the work left is cut into, so the run ends level
 
 
 class ItemsInFlight:

@@ -39,13 +39,27 @@ def test_automatic_units_give_every_device_work_and_respect_the_dispatch_floor()
 def test_units_grow_when_the_flows_cost_per_unit_would_leave_devices_waiting() -> None:
     pace = DispatchPace()
     assert pace.min_items(64) == 1  # nothing measured yet
-    pace.unit_cost(0.25)
+    pace.submitted(0.15)
+    pace.collected(0.10)
     pace.item_time(1.0)
     assert pace.min_items(64) == 32  # 64 devices x 0.25 s per unit / 1 s per item, twice over
     assert pace.min_items(1) == 1
+    assert pace.min_items(64, items_left=100_000) == 32
+    assert pace.min_items(64, items_left=2_560) == 10  # the work left still gives each device 4 units
+    assert pace.min_items(64, items_left=100) == 1  # the end of the run: one item a unit, the devices end level
     for _ in range(50):
         pace.item_time(100.0)  # long items: one per unit keeps up
     assert pace.min_items(64) == 1
+
+
+def test_the_cost_per_unit_is_per_unit_when_the_flow_submits_a_whole_window_at_once() -> None:
+    pace = DispatchPace()
+    for _ in range(128):  # the run's start: a window of 128 units submitted before any is collected
+        pace.submitted(0.2)
+    pace.collected(0.05)
+    pace.item_time(30.0)
+    assert abs(pace.cost_s - 0.25) < 1e-9  # not 128 x 0.2 s charged to the first unit collected
+    assert pace.min_items(64, items_left=1_280) == 2  # ceil(2 x 64 x 0.25 / 30): not packs of 64 at 20 items per device
 
 
 def test_rows_of_an_item_in_flight_join_it_and_all_get_its_outcome() -> None:
