@@ -6,8 +6,8 @@
     .venv/bin/python benchmarks/fleet.py --workers 4 16 --order manifest cost   # against manifest order
 
 **Stand-in mode** (the default) simulates a GPU fleet on this machine: a dask ``LocalCluster`` of K
-workers (threads of this process, ``--nthreads 2 --resources GPU=1`` each, as the README starts
-them), the real flow, the real Prefect server, real storage I/O against a local SeaweedFS server,
+workers (threads of this process, ``--nthreads 3 --resources GPU=1`` each, as the README starts
+them; ``NST_TASKS_PER_DEVICE`` sets both), the real flow, the real Prefect server, real storage I/O against a local SeaweedFS server,
 and ``STAND_IN_ENGINE`` in place of the optimisation: it holds its worker's one device for a time
 per item and returns a small real image, so everything around the engine (leases, fetches, uploads,
 the results table, the report) is the real code. The times are long-tailed the way real ones are:
@@ -93,7 +93,14 @@ class Busy:
         for name, start, end in self.intervals:
             per_device.setdefault(name, []).append(end - start)
         finished = {name: max(e for n, _, e in self.intervals if n == name) - first for name in per_device}
+        began = {name: min(s for n, s, _ in self.intervals if n == name) - first for name in per_device}
+        span_total = devices * (last - first)
+        ramp = sum(began.values()) + (devices - len(per_device)) * (last - first)  # a device never used idles throughout
+        tail = sum(last - first - end for end in finished.values())
         return {
+            # Where the devices' idle time went, as shares of K x span: before each device's first item (the
+            # flow filling the window), after its last (the run's end), and between items (turnover).
+            "idle_share_ramp_between_tail": [ramp / span_total, 1 - busy / span_total - (ramp + tail) / span_total, tail / span_total],
             "busy_fraction": busy / (devices * (last - first)), "busy_fraction_of_wall": busy / (devices * wall_s),
             "span_s": last - first, "devices_used": len(per_device),
             "device_busy_s_min_max": [min(map(sum, per_device.values())), max(map(sum, per_device.values()))],
@@ -205,6 +212,12 @@ def write_manifest(bucket: str, rows: int, iterations: list[int] | None = None) 
     return uri
 
 
+def _tasks_per_device() -> int:
+    from flows.stylize_manifest import _tasks_per_device as flows_share
+
+    return flows_share()
+
+
 def serve_stand_in_fleet(k: int, s_per_iteration: float, intervals_path: str, scheduler: str | None = None) -> None:
     """In a child process: ``k`` dask workers (threads) running STAND_IN_ENGINE, with their own scheduler
     (its address printed) or joining ``scheduler``; serves until stdin closes, then writes the
@@ -232,14 +245,14 @@ def serve_stand_in_fleet(k: int, s_per_iteration: float, intervals_path: str, sc
 
     execute.stylize_items = timed_body
     if scheduler is None:
-        with LocalCluster(n_workers=k, threads_per_worker=2, processes=False, resources={"GPU": 1}, dashboard_address=None,
+        with LocalCluster(n_workers=k, threads_per_worker=_tasks_per_device(), processes=False, resources={"GPU": 1}, dashboard_address=None,
                           protocol="tcp", host="127.0.0.1") as cluster:  # fmt: skip
             print(cluster.scheduler_address, flush=True)
             sys.stdin.read()
     else:
 
         async def serve() -> None:
-            workers = [await Worker(scheduler, nthreads=2, resources={"GPU": 1}, host="127.0.0.1", name=f"{os.getpid()}-{i}") for i in range(k)]
+            workers = [await Worker(scheduler, nthreads=_tasks_per_device(), resources={"GPU": 1}, host="127.0.0.1", name=f"{os.getpid()}-{i}") for i in range(k)]
             print("ready", flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
             for worker in workers:

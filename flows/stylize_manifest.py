@@ -3,7 +3,7 @@
 Composition: read and validate the manifest, resolve rows to content-addressed
 items chunk by chunk (two chunks ahead), plan units of compatible items, and keep
 a sliding window of task runs in flight (``tasks.steps``): what the task runner
-runs at once plus one queued per device (:attr:`Capacity.window`), the next
+runs at once (in-process, plus one queued per device: :attr:`Capacity.window`), the next
 submitted as any finishes, so no chunk waits for its slowest batch. Outcomes go to the results table (``nst_run.results``) as they
 come, then the report and Prefect artifacts. The work itself is ``nst_run``'s
 plain functions. Before each chunk is taken in, the flow waits for Prefect's events
@@ -81,20 +81,22 @@ def on_dask(address: str) -> Any:
     return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[arg-type]  # prefect-dask's runner is a TaskRunner of its own futures
 
 
-TASKS_PER_DEVICE_ENV = "NST_TASKS_PER_DEVICE"  # task runs one device serves at once on dask (default 2)
+TASKS_PER_DEVICE_ENV = "NST_TASKS_PER_DEVICE"  # task runs one device serves at once on dask (default 3)
 RESOLVE_AHEAD = 2  # chunks being resolved while earlier ones compute
 DEVICE_LIMIT = os.environ.get("NST_GPU_LIMIT", "gpu")  # the global concurrency limit held around each optimisation, if it exists
 
 
 def _tasks_per_device() -> int:
-    return max(1, int(os.environ.get(TASKS_PER_DEVICE_ENV, "2")))
+    return max(1, int(os.environ.get(TASKS_PER_DEVICE_ENV, "3")))
 
 
 def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
     """On a dask runner, each unit holds a share of one unit of the workers' GPU resource (``--resources
-    GPU=1``): ``1/NST_TASKS_PER_DEVICE``, so two tasks run on each device's worker at once and one's
-    fetches and uploads overlap the other's optimisation (the worker's DevicePool lends the device to
-    one at a time)."""
+    GPU=1``): ``1/NST_TASKS_PER_DEVICE``, so three tasks run on each device's worker at once: one
+    optimises, one has fetched its inputs and waits for the device, one stores its outputs or fetches
+    (the worker's DevicePool lends the device to one at a time). With two, the device waited whenever
+    the next unit was still starting and fetching as the current one ended: 7 % of K=64's device time
+    in ``benchmarks/fleet.py``, in the gaps between items."""
     context = FlowRunContext.get()
     resource = os.environ.get(DASK_RESOURCE_ENV, "GPU")
     if context is None or not resource or type(context.task_runner).__name__ != "DaskTaskRunner":
@@ -117,8 +119,8 @@ class Capacity:
 
     @property
     def window(self) -> int:
-        """Task runs kept in flight: what runs at once (on dask two per device: one optimising while the
-        other fetches, stores or waits for the device, which covers the flow's reaction time). No more:
+        """Task runs kept in flight: what runs at once (on dask three per device: one optimising, one
+        waiting for the device with its inputs fetched, one storing or fetching). No more:
         a unit queued on a worker is bound to it, and with long-tailed item times early binding leaves
         some devices idle while others still hold a queue (measured at K=64: benchmarks/fleet.py).
         In-process a queued task waits for whichever device frees first, so one more per device is kept."""

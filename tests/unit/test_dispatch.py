@@ -109,8 +109,8 @@ def test_the_whole_manifest_is_ordered_longest_first_before_any_row_is_resolved(
 def test_a_dask_fleet_keeps_no_unit_queued_on_a_worker_beyond_what_it_runs() -> None:
     from flows.stylize_manifest import Capacity
 
-    # On dask a submitted unit is bound to one worker: a third unit per device would wait there even when
-    # another device is idle, so the window is the task runs the workers run at once (two per device).
-    assert Capacity(devices=64, tasks=128, cpu_only=False, where="dask", binds_early=True).window == 128
+    # On dask a submitted unit is bound to one worker: one more per device would wait there even when
+    # another device is idle, so the window is the task runs the workers run at once (three per device).
+    assert Capacity(devices=64, tasks=192, cpu_only=False, where="dask", binds_early=True).window == 192
     # In-process a waiting task takes whichever device frees first: one more per device covers the reaction time.
     assert Capacity(devices=1, tasks=8, cpu_only=True, where="this process").window == 9
