@@ -99,6 +99,19 @@ def test_gram_matrix_is_raw_and_mean_gram_is_per_position():
         np.testing.assert_allclose(_np(losses.mean_gram(f)[b]), ref_gram(_np(f[b])) / 15, rtol=1e-12, atol=1e-12)
 
 
+def test_the_gram_gradient_comes_back_in_the_features_layout_and_equals_autograds():
+    # Channels-last features (the layout the engine may choose): a gradient in the other layout would make
+    # the network's backward add and mask tensors of two layouts, a slow strided pass per layer.
+    f = _rand(2, 8, 5, 7, seed=4).requires_grad_(True)
+    weight = _rand(2, 8, 8, seed=5)
+    expected = torch.autograd.grad((torch.einsum("bnk,bmk->bnm", f.flatten(2), f.flatten(2)) * weight).sum(), f)[0]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = f.detach().contiguous(memory_format=layout).requires_grad_(True)
+        (grad,) = torch.autograd.grad((losses.gram_matrix(x) * weight).sum(), x)
+        assert grad.is_contiguous(memory_format=layout)
+        np.testing.assert_allclose(_np(grad), _np(expected), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", NORMALIZATIONS)
 @pytest.mark.parametrize("target_batch", [1, 3], ids=["shared-target", "per-item-target"])
 def test_content_loss_equals_formula(norm, target_batch):
