@@ -90,10 +90,12 @@ class Busy:
         busy = sum(end - start for _, start, end in self.intervals)
         first, last = min(s for _, s, _ in self.intervals), max(e for _, _, e in self.intervals)
         per_device: dict[str, list[float]] = {}
+        began: dict[str, float] = {}  # each device's first start and last end, from the span's start
+        finished: dict[str, float] = {}
         for name, start, end in self.intervals:
             per_device.setdefault(name, []).append(end - start)
-        finished = {name: max(e for n, _, e in self.intervals if n == name) - first for name in per_device}
-        began = {name: min(s for n, s, _ in self.intervals if n == name) - first for name in per_device}
+            began[name] = min(began.get(name, math.inf), start - first)
+            finished[name] = max(finished.get(name, -math.inf), end - first)
         span_total = devices * (last - first)
         ramp = sum(began.values()) + (devices - len(per_device)) * (last - first)  # a device never used idles throughout
         tail = sum(last - first - end for end in finished.values())
@@ -101,7 +103,7 @@ class Busy:
             # Where the devices' idle time went, as shares of K x span: before each device's first item (the
             # flow filling the window), after its last (the run's end), and between items (turnover).
             "idle_share_ramp_between_tail": [ramp / span_total, 1 - busy / span_total - (ramp + tail) / span_total, tail / span_total],
-            "busy_fraction": busy / (devices * (last - first)), "busy_fraction_of_wall": busy / (devices * wall_s),
+            "busy_fraction": busy / span_total, "busy_fraction_of_wall": busy / (devices * wall_s),
             "span_s": last - first, "devices_used": len(per_device),
             "device_busy_s_min_max": [min(map(sum, per_device.values())), max(map(sum, per_device.values()))],
             "device_last_end_s_min_max": [min(finished.values()), max(finished.values())],
@@ -212,12 +214,6 @@ def write_manifest(bucket: str, rows: int, iterations: list[int] | None = None) 
     return uri
 
 
-def _tasks_per_device() -> int:
-    from flows.stylize_manifest import _tasks_per_device as flows_share
-
-    return flows_share()
-
-
 def serve_stand_in_fleet(k: int, s_per_iteration: float, intervals_path: str, scheduler: str | None = None) -> None:
     """In a child process: ``k`` dask workers (threads) running STAND_IN_ENGINE, with their own scheduler
     (its address printed) or joining ``scheduler``; serves until stdin closes, then writes the
@@ -230,7 +226,9 @@ def serve_stand_in_fleet(k: int, s_per_iteration: float, intervals_path: str, sc
     from distributed import LocalCluster, Worker
 
     import nst_run.execute as execute
+    from flows.stylize_manifest import _tasks_per_device
 
+    threads = _tasks_per_device()  # the flow's task runs per device: each worker runs that many at once
     busy = Busy()
     execute._run_batch = stand_in_engine(busy, s_per_iteration)
     bodies: list[tuple[float, float, int]] = []
@@ -245,14 +243,14 @@ def serve_stand_in_fleet(k: int, s_per_iteration: float, intervals_path: str, sc
 
     execute.stylize_items = timed_body
     if scheduler is None:
-        with LocalCluster(n_workers=k, threads_per_worker=_tasks_per_device(), processes=False, resources={"GPU": 1}, dashboard_address=None,
+        with LocalCluster(n_workers=k, threads_per_worker=threads, processes=False, resources={"GPU": 1}, dashboard_address=None,
                           protocol="tcp", host="127.0.0.1") as cluster:  # fmt: skip
             print(cluster.scheduler_address, flush=True)
             sys.stdin.read()
     else:
 
         async def serve() -> None:
-            workers = [await Worker(scheduler, nthreads=_tasks_per_device(), resources={"GPU": 1}, host="127.0.0.1", name=f"{os.getpid()}-{i}") for i in range(k)]
+            workers = [await Worker(scheduler, nthreads=threads, resources={"GPU": 1}, host="127.0.0.1", name=f"{os.getpid()}-{i}") for i in range(k)]
             print("ready", flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
             for worker in workers:
