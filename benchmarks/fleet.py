@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import hashlib
 import itertools
 import json
@@ -159,11 +160,19 @@ class DispatchClock:
         self.waited_s = 0.0
         self.first: float | None = None
         self.last = 0.0
+        self.cpu_first: float | None = None
+        self.cpu_last = 0.0
 
     @property
     def own_s(self) -> float:
         """The dispatch loop's own time: from its first wait to its last, less the waiting."""
         return max(1e-9, self.last - (self.first or self.last) - self.waited_s)
+
+    @property
+    def own_cpu_s(self) -> float:
+        """The CPU time of the flow's thread over the same stretch (waiting costs it none; the dask client's
+        own thread, which sends what the flow submits, is not in it)."""
+        return max(1e-9, self.cpu_last - (self.cpu_first if self.cpu_first is not None else self.cpu_last))
 
     def install(self):  # type: ignore[no-untyped-def]
         from flows import stylize_manifest as module
@@ -174,10 +183,12 @@ class DispatchClock:
         def timed(self, also=None):  # type: ignore[no-untyped-def]
             start = time.perf_counter()
             clock.first = clock.first or start
+            clock.cpu_first = time.thread_time() if clock.cpu_first is None else clock.cpu_first
             try:
                 return real(self, also)
             finally:
                 clock.last = time.perf_counter()
+                clock.cpu_last = time.thread_time()
                 clock.waited_s += clock.last - start
 
         module.SlidingWindow.next_done = timed
@@ -264,7 +275,7 @@ def serve_stand_in_fleet(k: int, s_per_iteration: float, intervals_path: str, sc
 WORKERS_PER_PROCESS = 8
 
 
-def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, bucket: str) -> dict[str, float]:
+def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, bucket: str, fleet_nice: int = 0) -> dict[str, float]:
     import subprocess
 
     from prefect.settings import PREFECT_API_URL
@@ -284,7 +295,8 @@ def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, 
 
         def start(size: int, path: str, scheduler: str | None) -> subprocess.Popen[str]:
             code = f"import fleet; fleet.serve_stand_in_fleet({size}, {s_per_iteration}, {path!r}, {scheduler!r})"
-            return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, stdin=subprocess.PIPE,
+            nice = ["nice", "-n", str(fleet_nice)] if fleet_nice else []  # the workers yield the cores to the flow (on a fleet they have their own)
+            return subprocess.Popen([*nice, sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
 
         try:
@@ -297,11 +309,17 @@ def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, 
                 assert extra.stdout is not None and extra.stdout.readline().strip() == "ready"
             manifest = write_manifest(bucket, k * items_per_device, iterations)
             start_s = time.perf_counter()
+            profiler = cProfile.Profile() if os.environ.get("FLEET_PROFILE") else None
+            if profiler:
+                profiler.enable()  # the flow's own thread: the dispatch loop
             state = on_dask(address)(
                 manifest_uri=manifest, output_uri=f"s3://{bucket}/out-{k}-{chunk_size}-{time.time_ns()}",
                 defaults=StyleParams(size=16, weights="random:0"), chunk_size=chunk_size, retries=0, return_state=True,
             )  # fmt: skip
             wall = time.perf_counter() - start_s
+            if profiler:
+                profiler.disable()
+                profiler.dump_stats(os.environ["FLEET_PROFILE"])
             summary = state.result()
             for fleet in reversed(fleets):
                 assert fleet.stdin is not None
@@ -326,6 +344,8 @@ def run_stand_in(k: int, items_per_device: int, mean_s: float, chunk_size: int, 
     done = summary["counts"]["succeeded"]
     figures = {"devices": k, "items": done, "chunk_size": chunk_size, "mean_item_s": mean_s, "wall_s": wall, **busy.figures(k, wall)}
     figures["dispatch_items_per_s"] = done / clock.own_s
+    figures["dispatch_items_per_cpu_s"] = done / clock.own_cpu_s
+    figures["fleet_nice"] = fleet_nice
     figures["needed_items_per_s"] = k / mean_s
     return figures
 
@@ -406,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, nargs="+", default=[64])
     parser.add_argument("--order", nargs="+", choices=["cost", "manifest"], default=["cost"],
                         help="dispatch order: the flow's (cost: costliest first) and/or the baseline (manifest order), in the same run")  # fmt: skip
+    parser.add_argument("--fleet-nice", type=int, default=0,
+                        help="run the stand-in workers at this niceness, so that on a small machine they do not starve the flow's "
+                             "dispatch loop of the cores (on a fleet the workers have machines of their own)")  # fmt: skip
     parser.add_argument("--real", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -440,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 with prefect_test_harness(server_startup_timeout=240):  # one server the flow and the fleet's process share
                     for k, chunk, order in itertools.product(args.workers, args.chunk_size, args.order):
                         with dispatch_order(order):
-                            results.append({"order": order, **run_stand_in(k, args.items_per_device, args.mean_s or max(1.0, k / 2), chunk, "fleet")})
+                            results.append({"order": order, **run_stand_in(k, args.items_per_device, args.mean_s or max(1.0, k / 2), chunk, "fleet", args.fleet_nice)})
                             print(json.dumps(results[-1]), flush=True)
         finally:
             server.stop()

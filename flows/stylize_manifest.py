@@ -74,11 +74,16 @@ def task_runner_from_settings() -> Any:
 def on_dask(address: str) -> Any:
     """This flow with its tasks sent to the dask-distributed scheduler at ``address``."""
     try:
-        from prefect_dask import DaskTaskRunner
+        from flows.dask_runner import ImpureDaskTaskRunner
     except ImportError:  # an extra: workers and the flow's machine install it with nst-bulk[dask]
         raise RuntimeError(f"{DASK_ADDRESS_ENV}={address} needs prefect-dask: pip install 'nst-bulk[dask]'") from None
 
-    return stylize_manifest.with_options(task_runner=DaskTaskRunner(address=address))  # type: ignore[arg-type]  # prefect-dask's runner is a TaskRunner of its own futures
+    return stylize_manifest.with_options(task_runner=ImpureDaskTaskRunner(address=address))  # type: ignore[arg-type]  # prefect-dask's runner is a TaskRunner of its own futures
+
+
+def _is_dask(runner: object) -> bool:
+    """Whether ``runner`` is prefect-dask's task runner or ours (:mod:`flows.dask_runner`), without importing prefect-dask."""
+    return any(cls.__name__ == "DaskTaskRunner" for cls in type(runner).__mro__)
 
 
 TASKS_PER_DEVICE_ENV = "NST_TASKS_PER_DEVICE"  # task runs one device serves at once on dask (default 3)
@@ -99,7 +104,7 @@ def _gpu_annotation() -> contextlib.AbstractContextManager[Any]:
     in ``benchmarks/fleet.py``, in the gaps between items."""
     context = FlowRunContext.get()
     resource = os.environ.get(DASK_RESOURCE_ENV, "GPU")
-    if context is None or not resource or type(context.task_runner).__name__ != "DaskTaskRunner":
+    if context is None or not resource or not _is_dask(context.task_runner):
         return contextlib.nullcontext()
     import dask
 
@@ -135,7 +140,7 @@ def runner_capacity() -> Capacity:
     workers (their ``GPU`` resource and threads) as the scheduler knows them when the run starts."""
     context = FlowRunContext.get()
     runner = context.task_runner if context is not None else None
-    if type(runner).__name__ == "DaskTaskRunner":
+    if _is_dask(runner):
         resource = os.environ.get(DASK_RESOURCE_ENV, "GPU")
         workers = list(runner.client.scheduler_info(n_workers=-1)["workers"].values())  # type: ignore[union-attr]
         share = _tasks_per_device()
@@ -327,12 +332,16 @@ def stylize_manifest(
             forget_dead_results()
             new, known = flight.add(resolved)
             random_weights = random_weights or any(o.weights_id.startswith("random:") for o in known)
-            devices = len(new) if capacity.cpu_only else capacity.devices
             items_left -= len(resolved) - len(new)  # cached, unreadable, or joining an item in flight
             if (min_items := pace.min_items(capacity.devices, items_left)) != unit_floor:
                 unit_floor = min_items
                 logger.info("units of at least %d item(s): %.2f s of the flow's time per unit, %.2f s per item", min_items, pace.cost_s, pace.item_s)
-            units = collections.deque(costliest_first([*units, *plan_units(new, batch_size, devices, min_items)]))
+            # The units not yet submitted are cut again with the new ones: at the pace measured now, and
+            # with the ends of earlier chunks packed together (units cut at the run's start, before any
+            # unit was timed, would otherwise go out one item each however the pace grew).
+            waiting = [work for unit in units for work in unit] + new
+            devices = len(waiting) if capacity.cpu_only else capacity.devices
+            units = collections.deque(costliest_first(plan_units(waiting, batch_size, devices, min_items)))
             settle(known)  # cached rows and inputs that could not be read
             continue
         try:

@@ -309,12 +309,15 @@ class DispatchPace:
     collecting its outcome: with a dask runner, mostly Prefect's serialisation of the task run), and
     each item keeps a device busy ``item_s``. ``D`` devices finish ``D / item_s`` items a second, and
     the flow starts at most ``n / cost_s`` items a second with units of ``n``; so units need
-    ``n >= D * cost_s / item_s``. :meth:`min_items` asks for twice that (headroom for slow moments),
-    but never so much that the items left give a device fewer than :data:`UNITS_LEFT_PER_DEVICE`
-    units: a unit is committed to one device, and one big unit at the end keeps its device busy while
-    the others wait. Each figure is a running average (weight :data:`PACE_WEIGHT` on the newest) of
-    what the run measured, per unit: the flow submits a whole window before it collects anything,
-    and that burst is many units' cost, not one's.
+    ``n >= D * cost_s / item_s``. :meth:`min_items` asks for twice that (headroom for slow moments).
+
+    Big units cost at the end: the devices finish their last units up to a unit's time apart. With
+    ``L`` items left, units of ``n`` take the flow ``L * cost_s / n`` to hand out and leave the run's
+    end ragged by about ``n * item_s / 2``; their sum is least at ``n = sqrt(2 L cost_s / item_s)``,
+    so units never grow past that (:meth:`min_items`): they shrink as the run nears its end, where a
+    unit of one item would leave the devices waiting on the flow. Each figure is a running average
+    (weight :data:`PACE_WEIGHT` on the newest) of what the run measured, per unit: the flow submits a
+    whole window before it collects anything, and that burst is many units' cost, not one's.
     """
 
     submit_s: float = 0.0
@@ -343,7 +346,7 @@ class DispatchPace:
             return 1
         wanted = math.ceil(2 * devices * self.cost_s / self.item_s)
         if items_left is not None:
-            wanted = min(wanted, items_left // (UNITS_LEFT_PER_DEVICE * max(1, devices)))
+            wanted = min(wanted, math.floor(math.sqrt(2 * max(0, items_left) * self.cost_s / self.item_s)))
         return max(1, min(AUTO_MAX_ITEMS, wanted))
 
 
@@ -352,7 +355,6 @@ def _running_average(average: float, sample: float) -> float:
 
 
 PACE_WEIGHT = 0.2
-UNITS_LEFT_PER_DEVICE = 4  # the fewest units per device the work left is cut into, so the run ends level
 
 
 class ItemsInFlight:

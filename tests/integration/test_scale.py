@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -69,6 +70,33 @@ def test_dask_cluster_two_workers_each_item_once(prefect_server, sample_images, 
     stylize_runs = [r for r in runs if r.name.startswith("stylize row")]  # named by tasks.naming: "stylize row 3: id"
     assert len(stylize_runs) == 8  # one per item (batch_size=1) ...
     assert all(r.state.is_completed() and r.run_count == 1 for r in stylize_runs)  # ... each run exactly once
+
+
+UUID_KEY = re.compile(r".+-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def test_the_dask_runner_submits_task_runs_without_hashing_them(prefect_server):
+    """Each task run reaches dask as an impure call: named by a fresh uuid, not by a hash of its arguments
+    (dask's default, most of a submission's cost: flows/dask_runner.py), in the runner Prefect copies for a run."""
+    from distributed import LocalCluster
+    from prefect import flow, task
+
+    from flows.dask_runner import ImpureDaskTaskRunner
+
+    @task
+    def double(x: int) -> int:
+        return 2 * x
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=None) as cluster:
+
+        @flow(task_runner=ImpureDaskTaskRunner(address=cluster.scheduler_address))
+        def twice() -> tuple[list[str], list[int]]:
+            futures = [double.submit(3), double.submit(3)]  # identical calls: two task runs all the same
+            return [f.wrapped_future.key for f in futures], [f.result() for f in futures]
+
+        keys, values = twice()
+    assert values == [6, 6]
+    assert len(set(keys)) == 2 and all(UUID_KEY.fullmatch(k) for k in keys), keys
 
 
 def test_compatible_items_share_a_batch_and_match_alone(prefect_server, sample_images, tmp_path):

@@ -45,8 +45,12 @@ def test_units_grow_when_the_flows_cost_per_unit_would_leave_devices_waiting() -
     assert pace.min_items(64) == 32  # 64 devices x 0.25 s per unit / 1 s per item, twice over
     assert pace.min_items(1) == 1
     assert pace.min_items(64, items_left=100_000) == 32
-    assert pace.min_items(64, items_left=2_560) == 10  # the work left still gives each device 4 units
-    assert pace.min_items(64, items_left=100) == 1  # the end of the run: one item a unit, the devices end level
+    # Near the end units shrink to sqrt(2 x items left x 0.25 s / 1 s): what the flow takes to hand them
+    # out plus how ragged they leave the end is least there.
+    assert pace.min_items(64, items_left=2_560) == 32  # sqrt(1280) = 35.8: the pace's own ask still holds
+    assert pace.min_items(64, items_left=800) == 20
+    assert pace.min_items(64, items_left=100) == 7  # 14 units: one item a unit would keep the flow busy 25 s
+    assert pace.min_items(64, items_left=1) == 1
     for _ in range(50):
         pace.item_time(100.0)  # long items: one per unit keeps up
     assert pace.min_items(64) == 1
@@ -60,6 +64,7 @@ def test_the_cost_per_unit_is_per_unit_when_the_flow_submits_a_whole_window_at_o
     pace.item_time(30.0)
     assert abs(pace.cost_s - 0.25) < 1e-9  # not 128 x 0.2 s charged to the first unit collected
     assert pace.min_items(64, items_left=1_280) == 2  # ceil(2 x 64 x 0.25 / 30): not packs of 64 at 20 items per device
+    assert pace.min_items(64, items_left=40) == 1  # sqrt(2 x 40 x 0.25 / 30) < 1
 
 
 def test_rows_of_an_item_in_flight_join_it_and_all_get_its_outcome() -> None:
