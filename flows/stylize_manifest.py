@@ -320,10 +320,13 @@ def stylize_manifest(
             items_left -= len(unit)
         if not window and not resolving:
             break
-        # A new chunk is taken in only while at most a window and two chunks of units wait: what is planned
-        # but not submitted stays bounded, and the costliest of that many go first (costliest_first), so a
-        # long item two chunks on starts early rather than last, beside short ones that fill the tail.
-        wanted = resolving[0] if resolving and len(units) < capacity.window + RESOLVE_AHEAD * chunk_size else None
+        # A new chunk is taken in only while at most a window's and two chunks' items wait: what is planned
+        # but not submitted stays bounded (in items: units grow with the pace), and the costliest of that many
+        # go first (costliest_first), so a long item two chunks on starts early rather than last, beside
+        # short ones that fill the tail.
+        waiting_items = sum(len(unit) for unit in units)
+        room = capacity.window * unit_floor + RESOLVE_AHEAD * chunk_size
+        wanted = resolving[0] if resolving and waiting_items < room else None
         finished, unit = window.next_done(also=wanted)
         collecting = time.perf_counter()
         if finished is wanted:
