@@ -28,6 +28,10 @@ optimisation's start to the last one's end)), the same over the flow's whole wal
 dispatch rate: items settled per second of the dispatch loop's own work (from its first wait for a
 task to its last, less the time spent waiting), i.e. how many items per second this flow can keep
 in flight.
+
+``FLEET_PROFILE=PATH`` writes a cProfile of the flow's thread (the dispatch loop) to PATH; it slows the
+loop, so the dispatch rate of a profiled run is a floor. ``--fleet-nice N`` runs the stand-in workers
+at niceness N, so that on a small machine they leave the cores to the flow's loop.
 """
 
 from __future__ import annotations

@@ -42,4 +42,3 @@ class ImpureDaskTaskRunner(DaskTaskRunner):
             pure=False,
         )
         return PrefectDaskFuture[Any](wrapped_future=future, task_run_id=future.task_run_id)
-
