@@ -98,7 +98,7 @@ def test_bf16_weight_copy_is_autocast_bit_for_bit():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = {k: v.float() for k, v in net.features(x, LAYERS).items()}
     ours = execution.features(net, x, LAYERS)
-    assert execution.bf16_trunk(net.features).layers["conv1_1"].weight.dtype == torch.bfloat16
+    assert execution.trunk_copy(net.features, "bf16").layers["conv1_1"].weight.dtype == torch.bfloat16
     assert net.features.layers["conv1_1"].weight.dtype == torch.float32  # the original is untouched
     for name in LAYERS:
         assert ours[name].dtype == torch.float32 and torch.equal(ours[name], reference[name]), name
