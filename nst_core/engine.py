@@ -158,7 +158,7 @@ def content_targets(network: Network, content: Tensor, layers: Sequence[str], ex
     content loss of exactly zero: another layout rounds differently in bf16.
     """
     feats = features(network, content.unsqueeze(0).to(network.device), list(layers), execution)
-    return {name: feats[name] for name in layers}
+    return {name: feats[name].float() for name in layers}  # P in float32: the content loss subtracts in float32
 
 
 def initial_image(params: StyleParams, content: Tensor, style: Tensor | None = None, image: Tensor | None = None) -> Tensor:

@@ -112,10 +112,14 @@ def configure_backends(device: torch.device) -> None:
 def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str], execution: Execution = EAGER_NCHW) -> dict[str, Tensor]:
     """The network's features of ``x``, computed at ``network.precision`` in ``execution``'s way.
 
-    ``bf16``: the convolutions run in bfloat16 under autocast and the features come back as
-    float32, so Gram matrices, loss sums and the pixels stay float32. Only float32 inputs are
-    cast or re-laid out; float64 (the exactness tests) runs as given. Channels-last features
-    are returned channels-last (the losses read either layout without a copy).
+    ``bf16``: the convolutions run in bfloat16 under autocast and the features come back as they
+    were computed, bfloat16: the losses compute in float32 from them (Gram matrices, loss sums;
+    :func:`nst_core.losses.gram_matrix`), and the pixels stay float32. Returning them bfloat16
+    rather than a float32 copy saves a copy of every feature map forward and a cast of its
+    gradient backward, and lets the Gram matrices' backward run in bfloat16 (the gradient enters
+    the bfloat16 network anyway). Only float32 inputs are cast or re-laid out; float64 (the
+    exactness tests) runs as given. Channels-last features are returned channels-last (the losses
+    read either layout without a copy).
     """
     if x.dtype != torch.float32:
         return network.features(x, layers)
@@ -126,8 +130,7 @@ def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str]
     if network.precision != "bf16":
         return forward(x, layers)
     with torch.autocast(network.device.type, dtype=torch.bfloat16):
-        feats = forward(x, layers)
-    return {name: f.float() for name, f in feats.items()}
+        return forward(x, layers)
 
 
 def trunk_copy(trunk: VGGFeatures, precision: str = "fp32", layout: str = "nchw") -> VGGFeatures:

@@ -35,6 +35,12 @@ class BatchedLBFGS:
     not in content: an item whose new pair is rejected (or whose history was
     :meth:`reset`) has ``rho = 0`` and zero ``s``, ``y`` in the slot, which
     makes the slot an exact no-op in the two-loop recursion for that item only.
+
+    Beside the pairs it keeps their inner products ``s_i . y_j`` and ``y_i . y_j``
+    (``[B, m, m]``, one row and column updated per new pair), so that a step reads
+    the history twice, in matrix products, instead of the two-loop's ~4m vector
+    operations (:func:`two_loop_coefficients`). The products are made item by item: a
+    batched product may round an item differently from the same product alone.
     """
 
     def __init__(
@@ -49,11 +55,13 @@ class BatchedLBFGS:
         self.lr = lr
         self.clamp = clamp
         self.history = history
-        # Ring buffers, allocated at the first pair: s and y ``[history, B, D]``, rho ``[history, B]``
-        # (one buffer each rather than a list of tensors: no allocation per step, and a slot is a view).
+        # Allocated at the first pair: s and y ``[B, m, D]`` (an item's pairs contiguous, a slot a view),
+        # rho ``[B, m]``, and the inner products s_i.y_j and y_i.y_j ``[B, m, m]``, indexed by slot.
         self._s: Tensor | None = None
         self._y: Tensor | None = None
         self._rho: Tensor | None = None
+        self._sy: Tensor | None = None
+        self._yy: Tensor | None = None
         self._rows: list[int] = []  # the slots in use, oldest first
         self._h_diag = torch.ones(batch, device=device)
         self._fresh = torch.ones(batch, dtype=torch.bool, device=device)  # no usable history: take a first step
@@ -71,9 +79,10 @@ class BatchedLBFGS:
         """Move ``x`` (``[B, ...]``) in place along the L-BFGS direction for ``grad``."""
         b = x.shape[0]
         g = grad.reshape(b, -1).to(torch.promote_types(grad.dtype, torch.float32))  # float64 stays float64
+        new_row = None
         if self._prev_grad is not None and self._prev_step is not None:
-            self._remember(self._prev_step, g - self._prev_grad)
-        direction = self._direction(g)
+            new_row = self._remember(self._prev_step, g - self._prev_grad)
+        direction = self._direction(g, new_row)
         # First step (or after a reset): scale so the first move is at most lr in L1 (torch7's choice).
         first = g.abs().sum(1).clamp_min(1e-30).reciprocal().clamp(max=1.0) * self.lr
         # An item whose direction is not a descent direction falls back to steepest descent.
@@ -102,7 +111,7 @@ class BatchedLBFGS:
         """
         items = items.to(self._h_diag.device, torch.bool)
         if self._rho is not None:
-            self._rho.masked_fill_(items.unsqueeze(0), 0.0)
+            self._rho.masked_fill_(items.unsqueeze(1), 0.0)
         self._h_diag = torch.where(items, torch.ones_like(self._h_diag), self._h_diag)
         self._fresh = self._fresh | items
         self._step_scale = torch.where(items, self._step_scale * step_factor, self._step_scale)
@@ -110,48 +119,90 @@ class BatchedLBFGS:
             # s = 0 for the replaced items: the next pair has y.s = 0 and is rejected.
             self._prev_step = torch.where(items[:, None], torch.zeros_like(self._prev_step), self._prev_step)
 
-    def _remember(self, s: Tensor, y: Tensor) -> None:
+    def _remember(self, s: Tensor, y: Tensor) -> int:
+        """Store the pair ``(s, y)`` (``[B, D]`` each) in the next slot; returns the slot."""
         ys = torch.linalg.vecdot(y, s)
         accepted = ys > _CURVATURE_EPS
         rho = torch.where(accepted, ys.clamp_min(_CURVATURE_EPS).reciprocal(), torch.zeros_like(ys))
         yy = torch.linalg.vecdot(y, y).clamp_min(1e-30)
         self._h_diag = torch.where(accepted, ys / yy, self._h_diag)
-        if self._s is None or self._y is None or self._rho is None:
-            self._s = s.new_zeros((self.history, *s.shape))
-            self._y = y.new_zeros((self.history, *y.shape))
-            self._rho = s.new_zeros((self.history, s.shape[0]))
+        if self._s is None or self._y is None or self._rho is None or self._sy is None or self._yy is None:
+            b, d, m = *s.shape, self.history
+            self._s, self._y = s.new_zeros((b, m, d)), y.new_zeros((b, m, d))
+            self._rho = s.new_zeros((b, m))
+            self._sy, self._yy = s.new_zeros((b, m, m)), s.new_zeros((b, m, m))
         if len(self._rows) == self.history:
             row = self._rows.pop(0)  # the oldest slot is overwritten
         else:
             row = len(self._rows)
         # A rejected pair is zeroed too, so a non-finite y (a NaN gradient) cannot leak into the recursion.
         zero = s.new_zeros(())
-        torch.where(accepted[:, None], s, zero, out=self._s[row])
-        torch.where(accepted[:, None], y, zero, out=self._y[row])
-        self._rho[row] = rho
+        torch.where(accepted[:, None], s, zero, out=self._s[:, row])
+        torch.where(accepted[:, None], y, zero, out=self._y[:, row])
+        self._rho[:, row] = rho
         self._rows.append(row)
+        return row
 
-    def _direction(self, g: Tensor) -> Tensor:
-        """-H g by the two-loop recursion, per item.
+    def _direction(self, g: Tensor, new_row: int | None) -> Tensor:
+        """-H g, per item; first the inner products of the pair just stored in ``new_row`` with the others.
 
-        Written with one dot product (``vecdot``) and one fused update (``addcmul_``) per slot and
-        loop: over a full history of 100 slots the loops are ~700 kernels, and the unfused form
-        (product, sum, scale, subtract) cost 2-3x more (7.6 ms a step at 128 px on one core).
+        One pass over the slots in use gives both ``S g``, ``Y g`` and the new pair's row and column of
+        ``s_i . y_j`` and ``y_i . y_j``; a second forms the direction (:func:`two_loop_direction`).
         """
-        q = -g
-        if self._s is None or self._y is None or self._rho is None:
-            return q * self._h_diag[:, None]
-        s_buf, y_buf, rho_buf = self._s, self._y, self._rho
-        alphas: list[Tensor] = []
-        for row in reversed(self._rows):
-            alpha = rho_buf[row] * torch.linalg.vecdot(s_buf[row], q)
-            q.addcmul_(y_buf[row], alpha[:, None], value=-1.0)  # q -= alpha y
-            alphas.append(alpha)
-        r = q.mul_(self._h_diag[:, None])
-        for row, alpha in zip(self._rows, reversed(alphas)):
-            beta = rho_buf[row] * torch.linalg.vecdot(y_buf[row], r)
-            r.addcmul_(s_buf[row], (alpha - beta)[:, None])  # r += (alpha - beta) s
-        return r
+        if self._s is None or self._y is None or self._rho is None or self._sy is None or self._yy is None:
+            return -g * self._h_diag[:, None]
+        used = len(self._rows)  # the ring fills slots 0..m-1 in turn, so the slots in use are the first ``used``
+        order = torch.tensor(self._rows, device=g.device)
+        h = self._h_diag.to(g.dtype)
+        out = torch.empty_like(g)
+        for b in range(g.shape[0]):
+            s, y = self._s[b, :used], self._y[b, :used]
+            if new_row is None:
+                sg, yg = s @ g[b], y @ g[b]
+            else:
+                s_new, y_new = self._s[b, new_row], self._y[b, new_row]
+                # [k, D] @ [D, used]: measured 3x faster than [used, D] @ [D, k] for k of 2 or 3 on the CPU.
+                on_s = torch.stack([y_new, g[b]]) @ s.T  # s_i . y_new, s_i . g
+                on_y = torch.stack([s_new, y_new, g[b]]) @ y.T  # y_i . s_new, y_i . y_new, y_i . g
+                self._sy[b, :used, new_row] = on_s[0]
+                self._sy[b, new_row, :used] = on_y[0]
+                self._yy[b, :used, new_row] = on_y[1]
+                self._yy[b, new_row, :used] = on_y[1]
+                sg, yg = on_s[1], on_y[2]
+            sy, yy = self._sy[b, order][:, order], self._yy[b, order][:, order]
+            on_s_coef, on_y_coef = two_loop_coefficients(sg[order], yg[order], sy, yy, self._rho[b, order], h[b])
+            coef_s, coef_y = torch.zeros_like(sg), torch.zeros_like(yg)
+            coef_s[order], coef_y[order] = on_s_coef, on_y_coef
+            out[b] = coef_s @ s + coef_y @ y - h[b] * g[b]
+        return out
+
+
+def two_loop_coefficients(sg: Tensor, yg: Tensor, sy: Tensor, yy: Tensor, rho: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """The two-loop recursion (Nocedal & Wright, Algorithm 7.4) for one item, from inner products only.
+
+    With the ``n`` pairs in chronological order as the rows of ``S`` and ``Y``, ``sg = S g``,
+    ``yg = Y g``, ``sy[i, j] = s_i . y_j``, ``yy = Y Y^T``, ``rho_i = 1 / (y_i . s_i)`` (0 for a
+    pair not to use) and ``h`` the initial Hessian scale, the recursion
+
+        alpha_i = rho_i s_i . q_i,   q_i = -g - sum_{j>i} alpha_j y_j          (newest to oldest)
+        beta_i  = rho_i y_i . r_i,   r_i = h q_0 + sum_{j<i} (alpha_j - beta_j) s_j   (oldest to newest)
+
+    is two unit-triangular systems, with ``D = diag(rho)``, ``U`` the strict upper triangle of
+    ``sy`` and ``L`` the strict lower triangle of its transpose (``L_ij = s_j . y_i``, ``j < i``):
+
+        (I + D U) alpha = -D sg
+        (I + D L) beta  = D (h (-yg - yy alpha) + L alpha)
+
+    and the direction is ``-H g = -h g + S^T (alpha - beta) + Y^T (-h alpha)``: the two vectors of
+    coefficients returned. A pair with ``rho_i = 0`` gets ``alpha_i = beta_i = 0``: a no-op.
+    """
+    n = sg.shape[0]
+    eye = torch.eye(n, dtype=sg.dtype, device=sg.device)
+    upper, lower = sy.triu(1), sy.transpose(0, 1).tril(-1)
+    alpha = torch.linalg.solve_triangular(eye + rho[:, None] * upper, (-rho * sg)[:, None], upper=True, unitriangular=True)[:, 0]
+    rhs = h * (-yg - yy @ alpha) + lower @ alpha
+    beta = torch.linalg.solve_triangular(eye + rho[:, None] * lower, (rho * rhs)[:, None], upper=False, unitriangular=True)[:, 0]
+    return alpha - beta, -h * alpha
 
 
 class BatchedAdam:

@@ -96,12 +96,12 @@ def test_bf16_weight_copy_is_autocast_bit_for_bit():
     net = load_network("random:0").at_precision("bf16")
     x = torch.rand(1, 3, 40, 56, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = {k: v.float() for k, v in net.features(x, LAYERS).items()}
+        reference = net.features(x, LAYERS)
     ours = execution.features(net, x, LAYERS)
     assert execution.trunk_copy(net.features, "bf16").layers["conv1_1"].weight.dtype == torch.bfloat16
     assert net.features.layers["conv1_1"].weight.dtype == torch.float32  # the original is untouched
-    for name in LAYERS:
-        assert ours[name].dtype == torch.float32 and torch.equal(ours[name], reference[name]), name
+    for name in LAYERS:  # returned as computed, bfloat16 (the losses widen them)
+        assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], reference[name]), name
     g_ref, g_ours = (torch.autograd.grad(sum(f.square().sum() for f in feats.values()), x)[0] for feats in (reference, ours))
     assert torch.equal(g_ref, g_ours)
 
@@ -180,3 +180,18 @@ def test_content_targets_run_in_the_layout_the_optimisation_chose(monkeypatch, l
         execution.clear_choices()  # later tests measure afresh
     assert result.execution == layout
     assert result.history[0]["content"] == 0.0
+
+
+@pytest.mark.parametrize("layout", execution.LAYOUTS)
+def test_trunk_copies_store_weights_as_their_execution_runs_them(layout):
+    """A channels-last execution gets channels-last filters (else every pass re-lays them out), bf16 ones
+    bf16; the copy is made once and computes what the original computes."""
+    net = load_network("random:0").at_precision("fp32")
+    copy = execution.trunk_copy(net.features, "fp32", layout)
+    assert copy is execution.trunk_copy(net.features, "fp32", layout)
+    weight = copy.layers["conv2_1"].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    assert (copy is net.features) == (layout == "nchw")
+    x = torch.rand(1, 3, 40, 56)
+    for name, f in copy(x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x, LAYERS).items():
+        torch.testing.assert_close(f, net.features(x, LAYERS)[name], rtol=1e-4, atol=1e-5)

@@ -282,3 +282,28 @@ def test_style_loss_is_zero_for_the_style_image_itself(random_vgg, norm):
         assert losses.style_layer_loss(own, targets[name], norm).item() <= 1e-9 * scale, name
         photo = random_vgg.features(other.unsqueeze(0), [name])[name]
         assert losses.style_layer_loss(photo, targets[name], norm).item() > 1e-3 * scale, name
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "native"])
+def test_bf16_gram_difference_is_rounded_relative_to_the_difference(layout, mkldnn):
+    """bf16 features: ``G/M - A`` is computed in the product's float32 accumulator, so it is off by about
+    bf16's rounding of the *difference* (measured 1.6-1.8e-3 of it, on oneDNN's path and on PyTorch's
+    own), where rounding the Gram first is off by 16-24 % of it; its gradient is off by bf16's rounding."""
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(2, 16, 24, 20, generator=g).relu().bfloat16().contiguous(memory_format=layout)
+    exact_gram = losses.mean_gram(features.double())
+    target = (exact_gram * (1 + 0.01 * torch.randn(exact_gram.shape, generator=g, dtype=torch.float64))).float()  # 1 % away
+    exact = exact_gram - target.double()
+    wide = features.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad((losses.mean_gram(wide) - target.double()).square().sum(), wide)
+    with torch.backends.mkldnn.flags(enabled=mkldnn):
+        ours = features.clone().requires_grad_(True)
+        difference = losses.mean_gram_difference(ours, target)
+        (gradient,) = torch.autograd.grad(difference.square().sum(), ours)
+    assert difference.dtype == torch.float32 and gradient.dtype == torch.bfloat16
+    assert float((difference.double() - exact).norm() / exact.norm()) < 4e-3  # bf16's unit roundoff is 3.9e-3
+    assert float((gradient.double() - expected).norm() / expected.norm()) < 8e-3  # two roundings: dD, then dF
+    assert gradient.is_contiguous(memory_format=layout)  # in the features' own layout
+    fp32 = losses.mean_gram_difference(features.float(), target)
+    assert float((fp32.double() - exact).norm() / exact.norm()) < 1e-4
