@@ -147,7 +147,7 @@ class BatchedLBFGS:
         """-H g, per item; first the inner products of the pair just stored in ``new_row`` with the others.
 
         One pass over the slots in use gives both ``S g``, ``Y g`` and the new pair's row and column of
-        ``s_i . y_j`` and ``y_i . y_j``; a second forms the direction (:func:`two_loop_direction`).
+        ``s_i . y_j`` and ``y_i . y_j``; a second forms the direction (:func:`two_loop_coefficients`).
         """
         if self._s is None or self._y is None or self._rho is None or self._sy is None or self._yy is None:
             return -g * self._h_diag[:, None]
