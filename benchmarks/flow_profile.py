@@ -30,7 +30,7 @@ def wrap(mod, name):
     setattr(mod, name, w)
 for n in ("_fetch_images", "_store"): wrap(ts, n)
 wrap(ts.engine, "stylize_batch"); wrap(ts.quality, "measure_result"); wrap(ts.history, "to_png")
-wrap(fm, "build_report")
+wrap(fm, "build_run_report")
 out = tempfile.mkdtemp()
 t = time.perf_counter()
 st = fm.stylize_manifest(manifest_uri=str(REPO / "manifests" / "samples.csv"), output_uri=out, defaults=StyleParams(size=128, weights="random:0"), allow_local_paths=True, return_state=True)

@@ -41,6 +41,8 @@ from nst_run.execute import DEVICES, release_failed_leases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
 from nst_run.planning import (
+    AUTO_MAX_ITEMS,
+    CPU_UNIT_ITEMS,
     DispatchPace,
     ItemsInFlight,
     Outcome,
@@ -343,8 +345,9 @@ def stylize_manifest(
             # with the ends of earlier chunks packed together (units cut at the run's start, before any
             # unit was timed, would otherwise go out one item each however the pace grew).
             waiting = [work for unit in units for work in unit] + new
-            devices = len(waiting) if capacity.cpu_only else capacity.devices
-            units = collections.deque(costliest_first(plan_units(waiting, batch_size, devices, min_items)))
+            # A CPU: units of up to CPU_UNIT_ITEMS compatible items; the worker measures what batch pays.
+            devices, most = (1, CPU_UNIT_ITEMS) if capacity.cpu_only else (capacity.devices, AUTO_MAX_ITEMS)
+            units = collections.deque(costliest_first(plan_units(waiting, batch_size, devices, min_items, most)))
             settle(known)  # cached rows and inputs that could not be read
             continue
         try:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from nst_core import color, images
 from nst_core.errors import ImageError
-from nst_core.execution import EAGER_NCHW, Execution, choose_execution, features
+from nst_core.execution import EAGER_NCHW, Execution, choose_batch_size, choose_execution, features
 from nst_core.layers import min_image_side
 from nst_core.losses import GatysLoss, LossWeights, StyleGuidance, blend_grams, mean_gram
 from nst_core.network import Network, load_network, resolve_device, resolve_precision
@@ -567,6 +567,24 @@ def network_for(params: StyleParams, device: torch.device, weights_path: str | N
         weights_sha256=weights_sha256 or params.weights_sha256,
         normalize=params.normalize_network,
     )
+
+
+def cpu_batch_size(params: StyleParams, height: int, width: int, limit: int, weights_path: str | None = None) -> int:
+    """Items of ``height`` x ``width`` one optimisation should hold on the CPU: the batch size whose trunk
+    pass costs least per item, measured on this machine (:func:`nst_core.execution.choose_batch_size`),
+    at most ``limit`` (what memory holds, the caller's call). 1 on another device.
+
+    Run it on the thread that optimises (the measurement times the CPU; PyTorch keeps an OpenMP team
+    per thread). Raises what :func:`network_for` raises when the weights cannot be loaded.
+    """
+    device = resolve_device(params.device)
+    if device.type != "cpu" or limit <= 1:
+        return 1
+    network = network_for(params, device, weights_path)
+    network = network.at_precision(resolve_precision(params.precision, device))
+    layers = loss_weights(params).layers
+    shape = (1, 3, height, width)
+    return choose_batch_size(network, shape, layers, choose_execution(network, shape, layers), limit)
 
 
 def stylize_batch(

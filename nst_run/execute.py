@@ -8,8 +8,9 @@
   batch's files written (``meta.json`` last; transient errors retried in place) while the device
   optimises (on out-of-memory: halve, then one by one) and judges (:mod:`nst_core.quality`);
   release the leases; then wait for the items another run holds.
-* :func:`auto_batch_size`: how many items of a size this machine's first GPU holds (decided here,
-  where the device is, never by the flow).
+* :func:`auto_batch_size`: how many items of a size one optimisation holds: what this machine's
+  first GPU holds, or on a CPU the batch size measured to cost least per item (decided here, where
+  the device is, never by the flow).
 
 Transient storage errors raise, so the caller (a Prefect task, ``tasks.steps``) retries; every other
 failure of an item is returned as a ``failed`` outcome with its reason, so one bad item never stops
@@ -42,7 +43,7 @@ from nst_core.network import resolve_device
 from nst_core.weights import WeightsSpec
 from nst_run import inputs, items, lease
 from nst_run.paths import ItemPaths
-from nst_run.planning import AUTO_MAX_ITEMS, Outcome, Work, cached_outcome, chunks, item_paths, outcome_for_row
+from nst_run.planning import AUTO_MAX_ITEMS, CPU_UNIT_ITEMS, Outcome, Work, cached_outcome, chunks, item_paths, outcome_for_row
 
 T = TypeVar("T")
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -434,13 +435,57 @@ def stylize_items(
 
 
 def auto_batch_size(work: Work) -> int:
-    """Items of ``work``'s size one optimisation may hold on this machine: 1 on a CPU (batching does not
-    speed up a compute-bound CPU), else what 70 % of the first GPU's available memory holds (at most
-    :data:`AUTO_MAX_ITEMS`). Available: free on the card plus what PyTorch's allocator holds unused."""
-    if not torch.cuda.is_available() or work.content_size is None:
+    """Items of ``work``'s size one optimisation may hold on this machine (at most :data:`AUTO_MAX_ITEMS`).
+
+    On a GPU: what 70 % of the first GPU's available memory holds (free on the card plus what PyTorch's
+    allocator holds unused). On a CPU: the batch size measured to cost least per item
+    (:func:`_cpu_batch_size`). An item whose size is not known yet: 1.
+    """
+    params = work.row.params
+    try:
+        device = resolve_device(params.device)
+    except ValueError:  # a device this machine does not have: the optimisation fails the items, and says why
         return 1
+    if work.content_size is None:
+        return 1
+    width, height = images.fitted_size(*work.content_size, params.size)
+    item_bytes = estimate_item_bytes(height, width, params)
+    if device.type == "cpu":
+        return _cpu_batch_size(work, device, height, width, item_bytes)
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    side = work.row.params.size
-    width, height = images.fitted_size(*work.content_size, side)
-    return int(max(1, min(AUTO_MAX_ITEMS, 0.7 * free // estimate_item_bytes(height, width, work.row.params))))
+    return int(max(1, min(AUTO_MAX_ITEMS, 0.7 * free // item_bytes)))
+
+
+_CPU_BATCH_SIZES: dict[tuple[object, ...], int] = {}
+
+
+def _cpu_batch_size(work: Work, device: torch.device, height: int, width: int, item_bytes: int) -> int:
+    """:func:`nst_core.engine.cpu_batch_size` for ``work``'s parameters and size, at most what half the
+    machine's available memory holds; measured on the CPU's own thread once per parameters and long side
+    (later calls do not wait for the thread). 1 when the measurement cannot load the network: the
+    optimisation then reports why."""
+    params = work.row.params
+    limit = max(1, int(0.5 * available_memory_bytes() // max(1, item_bytes)))
+    key = (params.batch_key(), max(height, width), min(limit, CPU_UNIT_ITEMS))
+    if (known := _CPU_BATCH_SIZES.get(key)) is not None:
+        return known
+    try:
+        size = DEVICES.run(device, engine.cpu_batch_size, params, height, width, limit, _local_weights(params))
+    except (NSTError, storage.StorageError, OSError) as exc:
+        log.warning("could not measure the CPU's batch size (%s): one item per optimisation", storage.sanitize_text(str(exc)))
+        return 1
+    _CPU_BATCH_SIZES[key] = size
+    return size
+
+
+def available_memory_bytes() -> int:
+    """Memory the machine can give without swapping: ``MemAvailable`` (Linux), else the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -217,7 +217,13 @@ def chunks(seq: list[Any], size: int) -> list[list[Any]]:
 AUTO_MAX_ITEMS = 64  # the most items one task is given, or one optimisation holds, with automatic batching
 
 
-def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: int = 1) -> list[list[Work]]:
+CPU_UNIT_ITEMS = 8
+"""The most items of one group a unit holds on a CPU: the largest batch a CPU worker measures
+(``nst_core.execution.CPU_BATCH_SIZES``; a CPU optimises several items at once only where it measured
+that cheaper per item, and a small unit shows progress sooner)."""
+
+
+def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: int = 1, max_items: int = AUTO_MAX_ITEMS) -> list[list[Work]]:
     """Group items into the units one task computes: compatible ones (same parameters, same size at every
     stage) together, and small groups packed together when ``min_items`` asks for bigger units.
 
@@ -228,8 +234,9 @@ def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: 
             (:func:`nst_run.execute.optimisation_batches`), and a group here is cut into at least
             ``devices`` units (at most :data:`AUTO_MAX_ITEMS` items each), so no free device waits
             while another holds all the work.
-        devices: devices the task runner has (0 or 1: one). Pass ``len(works)`` for one item per
-            unit (a CPU: batching does not speed it up, and smaller units show progress sooner).
+        devices: devices the task runner has (0 or 1: one).
+        max_items: with automatic batching, the most items of one group a unit holds (unless
+            ``min_items`` asks for more): :data:`CPU_UNIT_ITEMS` on a CPU.
         min_items: the fewest items a unit may hold so the flow can dispatch fast enough
             (:meth:`DispatchPace.min_items`); never more than :data:`AUTO_MAX_ITEMS` with automatic batching.
             Groups smaller than that (rows of other sizes or parameters: often each its own) are packed
@@ -244,7 +251,7 @@ def plan_units(works: list[Work], batch_size: int, devices: int = 1, min_items: 
         if batch_size:
             size = batch_size * max(1, math.ceil(min_items / batch_size))
         else:
-            size = min(AUTO_MAX_ITEMS, max(min_items, math.ceil(len(group) / max(1, devices))))
+            size = min(AUTO_MAX_ITEMS, max(min_items, min(max_items, math.ceil(len(group) / max(1, devices)))))
         units += chunks(group, max(1, size))
     floor = min_items if batch_size else min(min_items, AUTO_MAX_ITEMS)
     if floor <= 1:

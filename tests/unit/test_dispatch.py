@@ -6,6 +6,7 @@ from nst_core.params import StyleParams
 from nst_run.manifest import RowSpec
 from nst_run.planning import (
     AUTO_MAX_ITEMS,
+    CPU_UNIT_ITEMS,
     DispatchPace,
     ItemsInFlight,
     Outcome,
@@ -34,6 +35,17 @@ def test_automatic_units_give_every_device_work_and_respect_the_dispatch_floor()
     assert [len(u) for u in plan_units(works[:6], 4, devices=8, min_items=5)] == [6]  # whole optimisations of 4: two
     mixed = [_work(0), _work(1, size=(300, 400)), _work(2)]
     assert sorted(len(u) for u in plan_units(mixed, 0, devices=1)) == [1, 2]  # other shapes never share a unit
+
+
+def test_cpu_units_hold_a_few_compatible_items() -> None:
+    works = [_work(i) for i in range(20)]
+    assert [len(u) for u in plan_units(works, 0, devices=1, max_items=CPU_UNIT_ITEMS)] == [8, 8, 4]
+    assert [len(u) for u in plan_units(works, 0, devices=1, min_items=16, max_items=CPU_UNIT_ITEMS)] == [16, 4]  # the dispatch floor wins
+    mixed = [_work(0), _work(1, size=(300, 400)), _work(2), _work(3, size=(300, 400))]
+    assert sorted(len(u) for u in plan_units(mixed, 0, devices=1, max_items=CPU_UNIT_ITEMS)) == [2, 2]
+    from nst_core.execution import CPU_BATCH_SIZES
+
+    assert CPU_UNIT_ITEMS == max(CPU_BATCH_SIZES)  # a unit can fill the largest batch a CPU worker measures
 
 
 def test_units_grow_when_the_flows_cost_per_unit_would_leave_devices_waiting() -> None:

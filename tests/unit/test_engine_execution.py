@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import sample_image
 
-from nst_core import execution, images, stylize
+from nst_core import engine, execution, images, stylize
 from nst_core.execution import EAGER_NCHW, Execution, candidates, fastest, shape_class
 from nst_core.losses import gram_matrix
 from nst_core.network import load_network
@@ -90,6 +90,42 @@ def test_the_choice_is_measured_once_per_shape_class_and_recorded(monkeypatch):
     paths = ItemPaths("/nowhere/items", "0" * 64, "png")
     meta = items.build_meta(item="0" * 64, row={}, params=params, inputs={}, weights="random:0", weights_id="random:0", result=result, paths=paths)
     assert meta["execution"] == result.execution and meta["precision"] == "fp32"
+
+
+def test_a_larger_cpu_batch_is_taken_only_when_clearly_cheaper_per_item():
+    assert execution.cheapest_batch({1: 26.3, 2: 19.0, 4: 16.1, 8: 15.9}) == 4  # 8 is within the margin of 4
+    assert execution.cheapest_batch({1: 1.0, 2: 0.97, 4: 0.99}) == 1  # noise, not a gain
+    assert execution.cheapest_batch({4: 0.5, 1: 1.0, 2: 1.2}) == 4  # sizes in any order; 2 worse, 4 better
+    with pytest.raises(ValueError):
+        execution.cheapest_batch({})
+
+
+def test_the_cpu_batch_size_is_measured_once_per_shape_class(monkeypatch):
+    net = load_network("random:0").at_precision("fp32")
+    timed: list[tuple[int, ...]] = []
+    real = execution.time_pass
+
+    def counting(network, option, shape, layers, repeats=execution.MEASURE_REPEATS, warmup=True):
+        timed.append(tuple(shape))
+        return real(network, option, shape, layers, repeats=repeats, warmup=warmup)
+
+    monkeypatch.setattr(execution, "time_pass", counting)
+    execution.clear_choices()
+    chosen = execution.choose_batch_size(net, (1, 3, 24, 32), LAYERS, EAGER_NCHW, limit=4)
+    assert chosen in (1, 2, 4)
+    # a warm-up pass at each size up to the limit, then the sizes in turn
+    assert [shape[0] for shape in timed] == [1, 2, 4] * (1 + execution.MEASURE_REPEATS)
+    assert all(shape[1:] == (3, 24, 32) for shape in timed)
+    assert execution.choose_batch_size(net, (1, 3, 32, 24), LAYERS, EAGER_NCHW, limit=4) == chosen  # same class
+    assert len(timed) == 3 * (1 + execution.MEASURE_REPEATS)
+    assert execution.choose_batch_size(net, (1, 3, 24, 32), LAYERS, EAGER_NCHW, limit=1) == 1  # memory for one: not measured
+    assert len(timed) == 3 * (1 + execution.MEASURE_REPEATS)
+    params = StyleParams(size=32, weights="random:0", precision="fp32")
+    first = engine.cpu_batch_size(params, 24, 32, limit=4)  # the engine's entry point: in the layout it chose
+    assert first in (1, 2, 4)
+    measured = len(timed)
+    assert engine.cpu_batch_size(params, 24, 32, limit=4) == first and len(timed) == measured  # cached
+    assert engine.cpu_batch_size(params, 24, 32, limit=1) == 1
 
 
 def test_bf16_weight_copy_is_autocast_bit_for_bit():
@@ -195,3 +231,34 @@ def test_trunk_copies_store_weights_as_their_execution_runs_them(layout):
     x = torch.rand(1, 3, 40, 56)
     for name, f in copy(x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x, LAYERS).items():
         torch.testing.assert_close(f, net.features(x, LAYERS)[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_cpu_worker_measures_its_batch_size_once_and_within_memory(monkeypatch):
+    from nst_run import execute
+    from nst_run.manifest import RowSpec
+    from nst_run.planning import Work
+
+    calls: list[tuple[object, ...]] = []
+    real = engine.cpu_batch_size
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "cpu_batch_size", counting)
+    monkeypatch.setattr(execute, "_CPU_BATCH_SIZES", {})
+    params = StyleParams(size=32, weights="random:0", precision="fp32")
+
+    def work(content_size: tuple[int, int] | None, p: StyleParams = params) -> Work:
+        row = RowSpec(row=0, id="r0", content_uri="c.jpg", style_uri="s.jpg", params=p)
+        return Work(row, "0" * 64, {"content": "a", "style": "b"}, "random:0", content_size=content_size)
+
+    size = execute.auto_batch_size(work((400, 300)))
+    assert size in execution.CPU_BATCH_SIZES and len(calls) == 1
+    assert execute.auto_batch_size(work((400, 300))) == size and len(calls) == 1  # known: no wait for the CPU's thread
+    assert execute.auto_batch_size(work(None)) == 1  # size unknown yet
+    if not torch.cuda.is_available():  # a device this machine lacks: the optimisation fails the item and says why
+        assert execute.auto_batch_size(work((400, 300), params.model_copy(update={"device": "cuda:0"}))) == 1
+    assert execute.available_memory_bytes() > 0
+    monkeypatch.setattr(execute, "available_memory_bytes", lambda: execute.estimate_item_bytes(24, 32, params))
+    assert execute.auto_batch_size(work((400, 300))) == 1  # half the memory holds less than two items
