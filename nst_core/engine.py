@@ -292,21 +292,25 @@ def optimise(
     """
     start = time.perf_counter()
     n_iterations = params.iterations if iterations is None else iterations
-    loss_fn = GatysLoss(loss_weights(params), content, style, guidance)
-    layers = loss_fn.weights.layers
+    weights = loss_weights(params)
+    loss_fn = GatysLoss(weights, content, style, guidance)
+    layers = weights.layers
     x = init.detach().to(network.device, dtype).clone().requires_grad_(True)
     batch = x.shape[0]
     execution = choose_execution(network, x.shape, layers, x.dtype)
     optimizer = make_optimizer(params.optimizer, x, params.effective_lr)
     guard = divergence_factor is not None and hasattr(optimizer, "reset")
     names: list[str] = []
-    steps: list[Tensor] = []
+    steps: list[Tensor] = []  # per iteration, [n_terms + 1, B]
     best: list[Tensor] = []
     best_image = x.detach().clone()
     best_iteration = torch.full((batch,), first_iteration, dtype=torch.long, device=x.device)
     fired: list[Tensor] = []  # per iteration, [B] bool: the guard reset the item (kept on the device)
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
-    all_active = True  # known on the host: ``active`` changes only where the tolerance check synchronises anyway
+    # The items still optimised, as indices into the batch: a stopped item leaves the working batch
+    # (``x`` and the loss and optimiser state hold only these), so it costs nothing more. ``None``: all.
+    working: Tensor | None = None
+    images = x.detach()  # every item's current image, [B, ...] (a stopped item's stays as it stopped)
     stop_at = [n_iterations] * batch
     reasons = ["iterations"] * batch
     last = first_iteration + n_iterations - 1
@@ -315,20 +319,20 @@ def optimise(
             total, terms = loss_fn(features(network, x, layers, execution), x)
             (grad,) = torch.autograd.grad(total.sum(), x)
         names = names or list(terms)
-        steps.append(_rows(i, terms))
+        steps.append(_rows(i, terms) if working is None else steps[-1].index_copy(1, working, _rows(i, terms)))
         if snapshot is not None:
-            snapshot(i, x.detach())
+            snapshot(i, images)
         if callback is not None and (i % params.progress_every == 0 or i == last):
             elapsed = time.perf_counter() - start
-            callback(IterationInfo(i, last, _item_losses(names, steps[-1]), elapsed, x.detach()))
+            callback(IterationInfo(i, last, _item_losses(names, steps[-1]), elapsed, images))
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
             raise TimeLimitExceeded(f"timeout: stopped after {i} of {last} iterations ({time_limit_s:g} s limit)")
-        loss = total.detach()
+        loss = steps[-1][1]  # the total of every item (a stopped item's: its last)
         with torch.no_grad():
             # The best so far per item (a NaN loss is never best; a stopped item's best stays as it was).
             improved = active & ((loss < best[-1]) | (best[-1].isnan() & ~loss.isnan())) if best else torch.ones_like(active)
             best.append(torch.where(improved, loss, best[-1]) if best else loss)
-            torch.where(improved[:, None, None, None], x.detach(), best_image, out=best_image)
+            torch.where(improved[:, None, None, None], images, best_image, out=best_image)
             best_iteration = torch.where(improved, torch.full_like(best_iteration, i), best_iteration)
         if params.tolerance > 0 and checks_convergence(k):
             done_now = converged(best[-1], best[-1 - TOLERANCE_WINDOW], params.tolerance)
@@ -337,25 +341,32 @@ def optimise(
                 if done:
                     stop_at[b] = k
                     reasons[b] = f"converged: best total loss improved < {params.tolerance:g} over {TOLERANCE_WINDOW} iterations"
-            active = active & ~done_now
-            still = active.cpu().tolist()
-            all_active = all(still)
-            if not any(still):
-                break
+            if any(newly):
+                active = active & ~done_now
+                still = active.nonzero()[:, 0]
+                if still.numel() == 0:
+                    break
+                # The stopped items leave the working batch: what follows runs on the others only.
+                images = images.clone() if working is None else images
+                within = torch.searchsorted(torch.arange(batch, device=x.device) if working is None else working, still)
+                x = x.detach()[within].clone().requires_grad_(True)
+                grad, working = grad[within], still
+                loss_fn = GatysLoss(weights, _items(content, within), _items(style, within), _guided_items(guidance, within))
+                optimizer.keep(within, x)
         if k < n_iterations:
-            frozen = None if all_active else x.detach()[~active].clone()
             optimizer.step(x, grad)
-            if frozen is not None:
-                with torch.no_grad():
-                    x[~active] = frozen
             if guard:
                 # Decided on the device (no synchronisation): the image and optimiser state of the
                 # items that diverged are replaced; the others' are left as they are.
-                diverged = active & ((loss > divergence_factor * best[-1]) | ~torch.isfinite(loss))
+                mine = loss if working is None else loss[working]
+                best_mine = best[-1] if working is None else best[-1][working]
+                diverged = (mine > divergence_factor * best_mine) | ~torch.isfinite(mine)
                 with torch.no_grad():
-                    torch.where(diverged[:, None, None, None], best_image, x.detach(), out=x.detach())
+                    torch.where(diverged[:, None, None, None], best_image if working is None else best_image[working], x.detach(), out=x.detach())
                 optimizer.reset(diverged)  # type: ignore[union-attr]
-                fired.append(diverged)
+                fired.append(diverged if working is None else torch.zeros_like(active).index_copy_(0, working, diverged))
+            if working is not None:
+                images.index_copy_(0, working, x.detach())
     histories = _histories(["iteration", *names], steps, batch)
     histories = [h[: stop_at[b]] for b, h in enumerate(histories)]
     divergences = [[] for _ in range(batch)] if not fired else _fired_at(torch.stack(fired), first_iteration)
@@ -363,6 +374,18 @@ def optimise(
         best_image, histories, stop_at, reasons, time.perf_counter() - start,
         image_iterations=best_iteration.cpu().tolist(), divergences=divergences, execution=execution.label,
     )  # fmt: skip
+
+
+def _items(targets: dict[str, Tensor], within: Tensor) -> dict[str, Tensor]:
+    """Per-item targets ``[b, ...]`` of the items ``within`` a working batch of ``b`` > 1 (a target of one, ``[1, ...]``, is shared)."""
+    return {name: t if t.shape[0] == 1 else t.index_select(0, within) for name, t in targets.items()}
+
+
+def _guided_items(guidance: StyleGuidance | None, within: Tensor) -> StyleGuidance | None:
+    if guidance is None:
+        return None
+    weights = guidance.weights if guidance.weights.shape[0] == 1 else guidance.weights.index_select(0, within)
+    return StyleGuidance(guidance.masks.index_select(0, within), weights)
 
 
 def _fired_at(fired: Tensor, first_iteration: int) -> list[list[int]]:

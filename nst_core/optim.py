@@ -119,6 +119,21 @@ class BatchedLBFGS:
             # s = 0 for the replaced items: the next pair has y.s = 0 and is rejected.
             self._prev_step = torch.where(items[:, None], torch.zeros_like(self._prev_step), self._prev_step)
 
+    @torch.no_grad()
+    def keep(self, items: Tensor, x: Tensor) -> None:
+        """Go on with the batch items at the indices ``items`` only (in that order), as the batch ``x``.
+
+        For an optimisation whose stopped items leave the batch (:func:`nst_core.engine.optimise`):
+        each kept item's state is its own, so it goes on exactly as it would have in the whole batch.
+        """
+        del x  # the state is per item; the pixels are the caller's
+        for name in ("_s", "_y", "_rho", "_sy", "_yy", "_prev_grad", "_prev_step"):
+            if (value := getattr(self, name)) is not None:
+                setattr(self, name, value.index_select(0, items))
+        self._h_diag = self._h_diag.index_select(0, items)
+        self._fresh = self._fresh.index_select(0, items)
+        self._step_scale = self._step_scale.index_select(0, items)
+
     def _remember(self, s: Tensor, y: Tensor) -> int:
         """Store the pair ``(s, y)`` (``[B, D]`` each) in the next slot; returns the slot."""
         ys = torch.linalg.vecdot(y, s)
@@ -211,6 +226,14 @@ class BatchedAdam:
     def __init__(self, x: Tensor, *, lr: float, clamp: tuple[float, float] | None = None):
         self._adam = torch.optim.Adam([x], lr=lr)
         self.clamp = clamp
+
+    def keep(self, items: Tensor, x: Tensor) -> None:
+        """Go on with the batch items at the indices ``items`` only, as the batch ``x`` (see :meth:`BatchedLBFGS.keep`)."""
+        (old,) = self._adam.param_groups[0]["params"]
+        state = self._adam.state.get(old, {})
+        self._adam = torch.optim.Adam([x], **{k: v for k, v in self._adam.defaults.items() if k != "params"})
+        if state:
+            self._adam.state[x] = {k: v.index_select(0, items) if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in state.items()}
 
     def step(self, x: Tensor, grad: Tensor) -> None:
         x.grad = grad

@@ -527,3 +527,50 @@ def test_guard_and_best_image_are_per_item_in_a_batch_float64(net64, tubingen, s
         for row_b, row_a in zip(batch.histories[b], alone.histories[0], strict=True):
             assert row_b["total"] == pytest.approx(row_a["total"], rel=1e-12, abs=0), (b, row_a["iteration"])
         torch.testing.assert_close(batch.images[b], alone.images[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_a_stopped_item_leaves_the_batch_and_the_others_go_on_as_alone_float64(net64, tubingen, starry, monkeypatch, optimizer):
+    """Three items that stop early at different iterations, in float64: the batch shrinks as each stops
+    (its forward passes hold only the items still running), and every item's history, stop, returned
+    image and last snapshot equal its run alone, to the last bits."""
+    shipwreck, hoover = (images.load_image(sample_image(n)) for n in ("shipwreck.jpg", "hoovertowernight.jpg"))
+    lr, tolerance = {"lbfgs": (1.0, 0.02), "adam": (0.02, 0.05)}[optimizer]
+    params = StyleParams(**{**GUARD, "lr": lr, "iterations": 80, "tolerance": tolerance, "optimizer": optimizer})
+    c = {n: images.resized_tensor(im, exact=(32, 24)).double() for n, im in (("tub", tubingen), ("ship", shipwreck), ("hoover", hoover))}
+    s = {n: images.resized_tensor(im, long_side=32).double() for n, im in (("starry", starry), ("hoover", hoover))}
+    items = [(c["tub"], s["starry"]), (c["ship"], s["hoover"]), (c["hoover"], s["starry"])]
+    batch_sizes: list[int] = []
+    real_features = engine.features
+
+    def counting(network, x, *args, **kwargs):
+        batch_sizes.append(x.shape[0])
+        return real_features(network, x, *args, **kwargs)
+
+    def last_images(kept: dict[int, torch.Tensor]):
+        def take(iteration: int, x: torch.Tensor) -> None:
+            for b in range(x.shape[0]):
+                kept[b] = x[b].clone()
+
+        return take
+
+    content, style = stacked_targets(net64, params, [i[0] for i in items], [i[1] for i in items])
+    monkeypatch.setattr(engine, "features", counting)
+    seen: dict[int, torch.Tensor] = {}
+    batch = engine.optimise(net64, params, torch.stack([i[0] for i in items]), content, style, dtype=torch.float64, snapshot=last_images(seen))
+    stops = batch.stop_iterations
+    assert len(set(stops)) >= 2, stops  # the batch shrank at least once
+    # per evaluation, the items that had not stopped before it
+    assert batch_sizes == [sum(stop >= k for stop in stops) for k in range(1, max(stops) + 1)]
+    monkeypatch.setattr(engine, "features", real_features)
+    for b, (c_b, s_b) in enumerate(items):
+        content1, style1 = stacked_targets(net64, params, [c_b], [s_b])
+        alone_seen: dict[int, torch.Tensor] = {}
+        alone = engine.optimise(net64, params, c_b.unsqueeze(0), content1, style1, dtype=torch.float64, snapshot=last_images(alone_seen))
+        assert batch.stop_iterations[b] == alone.stop_iterations[0] and batch.stop_reasons[b] == alone.stop_reasons[0]
+        assert batch.image_iterations[b] == alone.image_iterations[0]
+        for row_b, row_a in zip(batch.histories[b], alone.histories[0], strict=True):
+            assert row_b["total"] == pytest.approx(row_a["total"], rel=1e-12, abs=0), (b, row_a["iteration"])
+        torch.testing.assert_close(batch.images[b], alone.images[0], rtol=0, atol=1e-12)
+        # the image a stopped item is shown with after it stopped is the one it stopped with
+        torch.testing.assert_close(seen[b], alone_seen[0], rtol=0, atol=1e-12)
