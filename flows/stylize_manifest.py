@@ -256,7 +256,7 @@ def stylize_manifest(
     max_items: Annotated[int | None, Field(ge=1, description="Only the first N manifest rows.")] = None,
     allow_local_paths: Annotated[bool, Field(description="Allow local paths (not only s3://) for the manifest, inputs and outputs.")] = False,
     item_timeout_s: Annotated[float, Field(gt=0, description="Fail an item whose optimisation runs longer than this.")] = 3600.0,
-    batch_size: Annotated[int, Field(ge=0, le=256, description="Items optimised together when their size and parameters match; 0 = automatic (1 on CPU, from free GPU memory on CUDA).")] = 0,
+    batch_size: Annotated[int, Field(ge=0, le=256, description="Items optimised together when their size and parameters match; 0 = automatic (on a CPU the batch size measured cheapest per item, on CUDA from free GPU memory).")] = 0,
     chunk_size: Annotated[int, Field(ge=1, le=10_000, description="Rows resolved together (each chunk's inputs hashed in one task, two chunks ahead of the work) and written per results part.")] = 64,
     retries: Annotated[int, Field(ge=0, le=20, description="Task retries on transient storage errors (unreachable endpoint, timeouts, 5xx).")] = 5,
     retry_delay_s: Annotated[float, Field(ge=0, le=3600, description="Delay before the first task retry; each further retry waits twice as long (capped at 600 s), each delay varied at random by up to 50 % so workers do not retry in step.")] = 5.0,

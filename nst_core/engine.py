@@ -264,8 +264,12 @@ def optimise(
     (``image_iterations`` says which; with a fixed step, L-BFGS's last iterate
     is often not its best). With ``params.tolerance`` > 0 an item stops once
     its best total loss fell by less than that fraction over
-    :data:`TOLERANCE_WINDOW` iterations; a stopped item's pixels no longer
-    change (the batch runs on while any item is active).
+    :data:`TOLERANCE_WINDOW` iterations, and leaves the batch: the forward
+    and backward passes, losses and optimiser steps that follow hold only the
+    items still running (each item's optimiser state is its own, so the others
+    go on exactly as before; tested in float64 against each item alone), and a
+    stopped item's image stays as it stopped (what ``snapshot`` and
+    ``callback`` see for it).
 
     The divergence guard (L-BFGS; ``divergence_factor``, default
     :data:`DIVERGENCE_FACTOR`, ``None`` turns it off): when an active item's
