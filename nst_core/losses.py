@@ -110,19 +110,35 @@ class _GramDifference(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, flat: Tensor, target: Tensor) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, flat: Tensor, minus_high: Tensor, low: Tensor) -> Tensor:
         ctx.save_for_backward(flat)
         positions = flat.shape[-1]
-        high = target.to(torch.bfloat16)
-        low = target - high.float()
-        rounded = torch.baddbmm(-high.expand(flat.shape[0], -1, -1), flat, flat.transpose(1, 2), alpha=1.0 / positions)
+        rounded = torch.baddbmm(minus_high.expand(flat.shape[0], -1, -1), flat, flat.transpose(1, 2), alpha=1.0 / positions)
         return rounded.float() - low
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
         (flat,) = ctx.saved_tensors  # type: ignore[attr-defined]
         symmetric = (grad + grad.transpose(1, 2)) / flat.shape[-1]
-        return _gram_input_gradient(flat, symmetric.to(flat.dtype)), None
+        return _gram_input_gradient(flat, symmetric.to(flat.dtype)), None, None
+
+
+@dataclass(frozen=True)
+class GramTarget:
+    """A per-position style target ``A`` ``[B|1, N, N]`` and what every iteration reads of it, computed
+    once (:meth:`of`): its energy ``sum A^2`` per item (``target`` normalisation) and its split
+    ``A = A_hi + A_lo`` for bfloat16 features (:class:`_GramDifference`; stored as ``-A_hi``)."""
+
+    gram: Tensor
+    energy: Tensor  # [B|1]
+    minus_high: Tensor  # -A_hi, bfloat16
+    low: Tensor  # A - A_hi, float32
+
+    @staticmethod
+    def of(gram: Tensor) -> GramTarget:
+        wide = gram.float()
+        high = wide.to(torch.bfloat16)
+        return GramTarget(gram, _per_item_sum(gram.square()).clamp_min(_EPS), -high, wide - high.float())
 
 
 def gram_matrix(features: Tensor) -> Tensor:
@@ -135,14 +151,14 @@ def mean_gram(features: Tensor) -> Tensor:
     return gram_matrix(features) / (features.shape[-2] * features.shape[-1])
 
 
-def mean_gram_difference(features: Tensor, target_gram: Tensor) -> Tensor:
-    """``G/M - A`` for features ``[B, N, H, W]`` and a per-position target ``[B|1, N, N]``: ``[B, N, N]``.
+def mean_gram_difference(features: Tensor, target: GramTarget) -> Tensor:
+    """``G/M - A`` for features ``[B, N, H, W]`` and a per-position target ``A`` ``[B|1, N, N]``: ``[B, N, N]``.
 
     bfloat16 features: computed in their product's float32 accumulator (:class:`_GramDifference`).
     """
     if features.dtype == torch.bfloat16:
-        return _GramDifference.apply(_flat_features(features), target_gram.float())
-    return mean_gram(features) - target_gram
+        return _GramDifference.apply(_flat_features(features), target.minus_high, target.low)
+    return mean_gram(features) - target.gram
 
 
 def _per_item_sum(x: Tensor) -> Tensor:
@@ -159,22 +175,25 @@ def content_loss(features: Tensor, target: Tensor, normalization: str = "target"
 
 def gram_loss(gram: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
     """E_l of two per-position Grams ``[B, N, N]`` and ``[B|1, N, N]``, per item ``[B]``."""
-    return gram_difference_loss(gram - target_gram, target_gram, normalization)
+    return gram_difference_loss(gram - target_gram, _per_item_sum(target_gram.square()).clamp_min(_EPS), normalization)
 
 
-def gram_difference_loss(difference: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
-    """E_l from the difference ``G/M - A`` ``[B, N, N]`` of per-position Grams and the target ``A``, per item ``[B]``."""
+def gram_difference_loss(difference: Tensor, target_energy: Tensor, normalization: str = "target") -> Tensor:
+    """E_l from the difference ``G/M - A`` ``[B, N, N]`` of per-position Grams and the target's energy
+    ``sum A^2`` (``[B|1]``, used by the ``target`` normalisation), per item ``[B]``."""
     n = difference.shape[-1]
     squared_error = _per_item_sum(difference.square())
     if normalization == "paper":
         # sum (G - A)^2 / (4 N^2 M^2) == sum (G/M - A/M)^2 / (4 N^2)
         return squared_error / (4.0 * n * n)
-    return squared_error / _per_item_sum(target_gram.square().expand_as(difference)).clamp_min(_EPS)
+    return squared_error / target_energy
 
 
-def style_layer_loss(features: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
-    """Style term E_l at one layer; ``target_gram`` is a per-position Gram (A / M_s), ``[B|1, N, N]``."""
-    return gram_difference_loss(mean_gram_difference(features, target_gram), target_gram, normalization)
+def style_layer_loss(features: Tensor, target_gram: Tensor | GramTarget, normalization: str = "target") -> Tensor:
+    """Style term E_l at one layer; ``target_gram`` is a per-position Gram (A / M_s), ``[B|1, N, N]``
+    (or that Gram prepared once, :class:`GramTarget`, as :class:`GatysLoss` does for its iterations)."""
+    target = target_gram if isinstance(target_gram, GramTarget) else GramTarget.of(target_gram)
+    return gram_difference_loss(mean_gram_difference(features, target), target.energy, normalization)
 
 
 def blend_grams(grams: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -277,12 +296,14 @@ class GatysLoss(nn.Module):
         self.content_targets = content_targets
         self.style_targets = style_targets
         self.guidance = guidance
+        # Plain targets prepared once, not every iteration (guided ones are compared per style).
+        self._prepared = {name: GramTarget.of(t) for name, t in style_targets.items()} if guidance is None else {}
 
     def style_term(self, features: Tensor, name: str) -> Tensor:
         """E_l at layer ``name``: plain or guided Gram matching."""
         g, norm = self.guidance, self.weights.normalization
         if g is None:
-            return style_layer_loss(features, self.style_targets[name], norm)
+            return style_layer_loss(features, self._prepared[name], norm)
         return guided_style_layer_loss(features, self.style_targets[name], g.masks, g.weights, norm)
 
     def forward(self, features: dict[str, Tensor], image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -299,11 +299,11 @@ def test_bf16_gram_difference_is_rounded_relative_to_the_difference(layout, mkld
     (expected,) = torch.autograd.grad((losses.mean_gram(wide) - target.double()).square().sum(), wide)
     with torch.backends.mkldnn.flags(enabled=mkldnn):
         ours = features.clone().requires_grad_(True)
-        difference = losses.mean_gram_difference(ours, target)
+        difference = losses.mean_gram_difference(ours, losses.GramTarget.of(target))
         (gradient,) = torch.autograd.grad(difference.square().sum(), ours)
     assert difference.dtype == torch.float32 and gradient.dtype == torch.bfloat16
     assert float((difference.double() - exact).norm() / exact.norm()) < 4e-3  # bf16's unit roundoff is 3.9e-3
     assert float((gradient.double() - expected).norm() / expected.norm()) < 8e-3  # two roundings: dD, then dF
     assert gradient.is_contiguous(memory_format=layout)  # in the features' own layout
-    fp32 = losses.mean_gram_difference(features.float(), target)
+    fp32 = losses.mean_gram_difference(features.float(), losses.GramTarget.of(target))
     assert float((fp32.double() - exact).norm() / exact.norm()) < 1e-4
