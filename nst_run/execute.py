@@ -284,7 +284,7 @@ def optimisation_batches(works: list[Work], batch_size: int) -> list[list[Work]]
     groups: dict[tuple[object, ...], list[Work]] = {}
     for work in works:
         groups.setdefault(work.batch_key(), []).append(work)
-    return [part for group in groups.values() for part in chunks(group, batch_size or auto_batch_size(group[0]))]
+    return [part for group in groups.values() for part in chunks(group, batch_size or auto_batch_size(group[0], len(group)))]
 
 
 def _store_all(ready: list[tuple[Work, dict[str, Any]]], results: list[engine.StyleResult | str], output_uri: str,
@@ -434,8 +434,9 @@ def stylize_items(
     return [outcomes[work.item_id] for work in works]
 
 
-def auto_batch_size(work: Work) -> int:
-    """Items of ``work``'s size one optimisation may hold on this machine (at most :data:`AUTO_MAX_ITEMS`).
+def auto_batch_size(work: Work, items: int = AUTO_MAX_ITEMS) -> int:
+    """Items of ``work``'s size one optimisation may hold on this machine (at most :data:`AUTO_MAX_ITEMS`),
+    for a group of ``items`` such items (a CPU measures no batch larger than that: one item, no measurement).
 
     On a GPU: what 70 % of the first GPU's available memory holds (free on the card plus what PyTorch's
     allocator holds unused). On a CPU: the batch size measured to cost least per item
@@ -451,7 +452,7 @@ def auto_batch_size(work: Work) -> int:
     width, height = images.fitted_size(*work.content_size, params.size)
     item_bytes = estimate_item_bytes(height, width, params)
     if device.type == "cpu":
-        return _cpu_batch_size(work, device, height, width, item_bytes)
+        return _cpu_batch_size(work, device, height, width, item_bytes, items)
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     return int(max(1, min(AUTO_MAX_ITEMS, 0.7 * free // item_bytes)))
@@ -460,14 +461,17 @@ def auto_batch_size(work: Work) -> int:
 _CPU_BATCH_SIZES: dict[tuple[object, ...], int] = {}
 
 
-def _cpu_batch_size(work: Work, device: torch.device, height: int, width: int, item_bytes: int) -> int:
-    """:func:`nst_core.engine.cpu_batch_size` for ``work``'s parameters and size, at most what half the
-    machine's available memory holds; measured on the CPU's own thread once per parameters and long side
-    (later calls do not wait for the thread). 1 when the measurement cannot load the network: the
+def _cpu_batch_size(work: Work, device: torch.device, height: int, width: int, item_bytes: int, items: int) -> int:
+    """:func:`nst_core.engine.cpu_batch_size` for ``work``'s parameters and size, at most ``items``,
+    :data:`CPU_UNIT_ITEMS` and what half the machine's available memory holds (a limit of one is not
+    measured); measured on the CPU's own thread once per parameters, long side and limit (later calls
+    do not wait for the thread). 1 when the measurement cannot load the network: the
     optimisation then reports why."""
     params = work.row.params
-    limit = max(1, int(0.5 * available_memory_bytes() // max(1, item_bytes)))
-    key = (params.batch_key(), max(height, width), min(limit, CPU_UNIT_ITEMS))
+    limit = min(items, CPU_UNIT_ITEMS, max(1, int(0.5 * available_memory_bytes() // max(1, item_bytes))))
+    if limit <= 1:
+        return 1
+    key = (params.batch_key(), max(height, width), limit)
     if (known := _CPU_BATCH_SIZES.get(key)) is not None:
         return known
     try:

@@ -257,6 +257,7 @@ def test_a_cpu_worker_measures_its_batch_size_once_and_within_memory(monkeypatch
     assert size in execution.CPU_BATCH_SIZES and len(calls) == 1
     assert execute.auto_batch_size(work((400, 300))) == size and len(calls) == 1  # known: no wait for the CPU's thread
     assert execute.auto_batch_size(work(None)) == 1  # size unknown yet
+    assert execute.auto_batch_size(work((300, 400)), 1) == 1 and len(calls) == 1  # a group of one: nothing to measure
     if not torch.cuda.is_available():  # a device this machine lacks: the optimisation fails the item and says why
         assert execute.auto_batch_size(work((400, 300), params.model_copy(update={"device": "cuda:0"}))) == 1
     assert execute.available_memory_bytes() > 0
