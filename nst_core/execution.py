@@ -103,6 +103,18 @@ def shape_class(shape: Sequence[int]) -> int:
     return max(shape[-2], shape[-1])
 
 
+def class_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """The one shape a :func:`shape_class` is measured at: a single square image of its long side.
+
+    Measured at whichever image of the class came first, the choice depended on the order of the
+    work: at 128 px the sample manifest's 128x67 image ran NCHW and channels-last alike (9.1 against
+    8.9 s for a batch), so a run that met it first chose NCHW for the 128x96 one too, 15.7 s against
+    11.5 s channels-last (bf16, the AMX Xeon). The square is the class's largest image.
+    """
+    side = shape_class(shape)
+    return (1, shape[-3], side, side)
+
+
 def configure_backends(device: torch.device) -> None:
     """Backend settings for ``device``: on CUDA, cuDNN's autotuner (fixed shapes; see the module docstring)."""
     if device.type == "cuda":
@@ -180,7 +192,8 @@ def choose_execution(
     allow_compile: bool | None = None,
 ) -> Execution:
     """How to run ``network`` on batches of ``shape`` ``[B, 3, H, W]`` up to ``layers``: measured once per
-    device, precision, pooling, deepest layer and :func:`shape_class` in this process, then cached.
+    device, precision, pooling, deepest layer and :func:`shape_class` in this process (at the class's
+    own shape, :func:`class_shape`, whichever image of it comes first), then cached.
 
     ``allow_compile`` (default: ``$NST_TORCH_COMPILE`` is ``1``) adds compiled candidates.
     """
@@ -191,16 +204,17 @@ def choose_execution(
         return options[0]
     deepest = max(layers, key=LAYER_NAMES.index)
     key = (str(network.device), network.precision, network.features.pooling, deepest, shape_class(shape), allow)
+    measured = class_shape(shape)
     with _LOCK:
         if key in _CHOICES:
             return _CHOICES[key]
         # Measured under the lock: two threads on one device would time each other.
         for option in options:
-            time_pass(network, option, shape, layers, repeats=0)  # a warm-up pass each
+            time_pass(network, option, measured, layers, repeats=0)  # a warm-up pass each
         timings = dict.fromkeys(options, math.inf)
         for _ in range(MEASURE_REPEATS):
             for option in options:
-                timings[option] = min(timings[option], time_pass(network, option, shape, layers, repeats=1, warmup=False))
+                timings[option] = min(timings[option], time_pass(network, option, measured, layers, repeats=1, warmup=False))
         _CHOICES[key] = fastest(timings)
         return _CHOICES[key]
 
@@ -232,7 +246,7 @@ def choose_batch_size(
     with _LOCK:
         if key in _BATCH_SIZES:
             return _BATCH_SIZES[key]
-        shapes = {b: (b, *tuple(shape)[-3:]) for b in sizes}
+        shapes = {b: (b, *class_shape(shape)[1:]) for b in sizes}
         for b in sizes:
             time_pass(network, execution, shapes[b], layers, repeats=0)  # a warm-up pass each
         per_item = dict.fromkeys(sizes, math.inf)

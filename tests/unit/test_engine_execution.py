@@ -76,6 +76,7 @@ def test_the_choice_is_measured_once_per_shape_class_and_recorded(monkeypatch):
     first = execution.choose_execution(net, (1, 3, 24, 32), LAYERS)
     per_class = 2 * (1 + execution.MEASURE_REPEATS)  # a warm-up, then the candidates in turn
     assert [label for label, _ in timed] == ["nchw", "channels_last"] * (1 + execution.MEASURE_REPEATS)
+    assert {shape for _, shape in timed} == {(1, 3, 32, 32)}  # measured at the class's shape, not the first image's
     assert execution.choose_execution(net, (1, 3, 32, 24), LAYERS) == first  # same class: no new measurement
     assert len(timed) == per_class
     execution.choose_execution(net, (1, 3, 48, 64), LAYERS)
@@ -115,7 +116,7 @@ def test_the_cpu_batch_size_is_measured_once_per_shape_class(monkeypatch):
     assert chosen in (1, 2, 4)
     # a warm-up pass at each size up to the limit, then the sizes in turn
     assert [shape[0] for shape in timed] == [1, 2, 4] * (1 + execution.MEASURE_REPEATS)
-    assert all(shape[1:] == (3, 24, 32) for shape in timed)
+    assert all(shape[1:] == (3, 32, 32) for shape in timed)  # the class's shape, whichever image came first
     assert execution.choose_batch_size(net, (1, 3, 32, 24), LAYERS, EAGER_NCHW, limit=4) == chosen  # same class
     assert len(timed) == 3 * (1 + execution.MEASURE_REPEATS)
     assert execution.choose_batch_size(net, (1, 3, 24, 32), LAYERS, EAGER_NCHW, limit=1) == 1  # memory for one: not measured
