@@ -126,7 +126,7 @@ def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str]
 
     ``bf16``: the convolutions run in bfloat16 under autocast and the features come back as they
     were computed, bfloat16: the losses compute in float32 from them (Gram matrices, loss sums;
-    :func:`nst_core.losses.gram_matrix`), and the pixels stay float32. Returning them bfloat16
+    :func:`nst_core.losses.mean_gram_difference`), and the pixels stay float32. Returning them bfloat16
     rather than a float32 copy saves a copy of every feature map forward and a cast of its
     gradient backward, and lets the Gram matrices' backward run in bfloat16 (the gradient enters
     the bfloat16 network anyway). Only float32 inputs are cast or re-laid out; float64 (the
