@@ -301,7 +301,7 @@ def optimise(
     layers = weights.layers
     x = init.detach().to(network.device, dtype).clone().requires_grad_(True)
     batch = x.shape[0]
-    execution = choose_execution(network, x.shape, layers, x.dtype)
+    execution = choose_execution(network, x.shape, layers, x.dtype, style_layers=tuple(weights.style_layers))
     optimizer = make_optimizer(params.optimizer, x, params.effective_lr)
     guard = divergence_factor is not None and hasattr(optimizer, "reset")
     names: list[str] = []
@@ -609,9 +609,10 @@ def cpu_batch_size(params: StyleParams, height: int, width: int, limit: int, wei
         return 1
     network = network_for(params, device, weights_path)
     network = network.at_precision(resolve_precision(params.precision, device))
-    layers = loss_weights(params).layers
+    weights = loss_weights(params)
     shape = (1, 3, height, width)
-    return choose_batch_size(network, shape, layers, choose_execution(network, shape, layers), limit)
+    execution = choose_execution(network, shape, weights.layers, style_layers=tuple(weights.style_layers))
+    return choose_batch_size(network, shape, weights.layers, execution, limit)
 
 
 def stylize_batch(
@@ -663,7 +664,8 @@ def stylize_batch(
         if len(shapes) != 1:
             raise ValueError(f"items of a batch must have the same size at {long_side} px, got {sorted(shapes)}")
         # The layout optimise will choose for this size (the same cached choice: one per long side and layers read).
-        execution = choose_execution(network, (1, *stage[0].content.shape), loss_weights(params).layers, stage[0].content.dtype)
+        weights = loss_weights(params)
+        execution = choose_execution(network, (1, *stage[0].content.shape), weights.layers, stage[0].content.dtype, style_layers=tuple(weights.style_layers))
         p_content = _stack_targets([content_targets(network, inputs.content, params.content_layers, execution) for inputs in stage])
         a_style, guidance = batch_style_targets(network, params, stage, cache)
         if x is None:

@@ -5,9 +5,11 @@ Which layout is fastest depends on the machine, not on the code: on one 2-core X
 AVX512-BF16/AMX a bf16 forward+backward ran 2x faster channels-last than NCHW (issue 14); on the
 2-core AMD EPYC (AVX512-BF16) that built this, from equal to 2x faster depending on size and run
 (at 256 px: 412 against 828 ms in one run), fp32 channels-last 5-10 % slower; on CUDA
-channels-last is what the bf16 tensor-core kernels want. So :func:`choose_execution`, when a network is first used on a device for a shape class,
-times one forward and input-gradient backward per candidate (:func:`candidates`) and keeps the
-fastest (:func:`fastest`) for the rest of the process. The choice is in
+channels-last is what the bf16 tensor-core kernels want; on a 2-core AMD EPYC with AVX2 only
+(fp32), channels-last 7-10 % faster at 256 px. So :func:`choose_execution`, when a network is first
+used on a device for a shape class, times the optimisation's pass per candidate (:func:`candidates`:
+forward, the style term's Grams, input-gradient backward) and keeps the fastest (:func:`fastest`) for
+the rest of the process. The choice is in
 :attr:`nst_core.engine.StyleResult.execution` and ``meta.json``'s ``execution``.
 
 ``torch.compile`` (inductor) is a candidate only when asked for (``NST_TORCH_COMPILE=1``): on the
@@ -33,12 +35,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nst_core.losses import GramTarget, style_layer_loss
 from nst_core.network import LAYER_NAMES, Network, VGGFeatures
 
 LAYOUTS = ("nchw", "channels_last")
 
-MEASURE_REPEATS = 3
+MEASURE_REPEATS = 5
 """Timed passes per candidate (after one untimed pass that warms caches and kernels); the minimum counts.
+
+Five, not three: on the 2-core AVX2 EPYC (a VM) one pass at 256 px varied from 590 to 910 ms within a
+process, and the first timed passes after the warm-up are often still slow. With three, a fresh
+process chose NCHW in three runs out of three where channels-last was 7-10 % faster; with five (and
+the style term timed), channels-last in four out of four. It costs two passes per candidate more, once
+per shape class and process (7.5 s at 256 px on that CPU in fp32).
 
 The candidates take turns, one pass each per round: a load that comes and goes (another process on a
 2-core machine) weighs on every candidate alike. Timed one after the other, the one timed while the
@@ -190,10 +199,17 @@ def choose_execution(
     layers: Sequence[str] | frozenset[str],
     dtype: torch.dtype = torch.float32,
     allow_compile: bool | None = None,
+    style_layers: Sequence[str] | frozenset[str] = (),
 ) -> Execution:
     """How to run ``network`` on batches of ``shape`` ``[B, 3, H, W]`` up to ``layers``: measured once per
-    device, precision, pooling, deepest layer and :func:`shape_class` in this process (at the class's
-    own shape, :func:`class_shape`, whichever image of it comes first), then cached.
+    device, precision, pooling, deepest layer, style layers and :func:`shape_class` in this process (at
+    the class's own shape, :func:`class_shape`, whichever image of it comes first), then cached.
+
+    What is timed is the optimisation's pass, the style term's Grams at ``style_layers`` included
+    (:func:`time_pass`), not the bare trunk: the work around the trunk is not the same in both layouts
+    (on the 2-core AVX2 EPYC in fp32 at 256 px, the bare trunk alone ran 7-10 % faster channels-last
+    and a fresh process chose NCHW in three runs out of three; on the AMX Xeon at 128 px the bare
+    trunks were within 5-10 % while the whole iteration was slower channels-last).
 
     ``allow_compile`` (default: ``$NST_TORCH_COMPILE`` is ``1``) adds compiled candidates.
     """
@@ -203,18 +219,20 @@ def choose_execution(
     if len(options) == 1:
         return options[0]
     deepest = max(layers, key=LAYER_NAMES.index)
-    key = (str(network.device), network.precision, network.features.pooling, deepest, shape_class(shape), allow)
+    styled = frozenset(style_layers)
+    key = (str(network.device), network.precision, network.features.pooling, deepest, styled, shape_class(shape), allow)
     measured = class_shape(shape)
     with _LOCK:
         if key in _CHOICES:
             return _CHOICES[key]
         # Measured under the lock: two threads on one device would time each other.
         for option in options:
-            time_pass(network, option, measured, layers, repeats=0)  # a warm-up pass each
+            time_pass(network, option, measured, layers, repeats=0, style_layers=styled)  # a warm-up pass each
         timings = dict.fromkeys(options, math.inf)
         for _ in range(MEASURE_REPEATS):
             for option in options:
-                timings[option] = min(timings[option], time_pass(network, option, measured, layers, repeats=1, warmup=False))
+                seconds = time_pass(network, option, measured, layers, repeats=1, warmup=False, style_layers=styled)
+                timings[option] = min(timings[option], seconds)
         _CHOICES[key] = fastest(timings)
         return _CHOICES[key]
 
@@ -271,22 +289,40 @@ def cheapest_batch(seconds_per_item: Mapping[int, float], margin: float = MARGIN
 
 
 def time_pass(
-    network: Network, execution: Execution, shape: Sequence[int], layers: Sequence[str] | frozenset[str], repeats: int = MEASURE_REPEATS, warmup: bool = True
+    network: Network,
+    execution: Execution,
+    shape: Sequence[int],
+    layers: Sequence[str] | frozenset[str],
+    repeats: int = MEASURE_REPEATS,
+    warmup: bool = True,
+    style_layers: Sequence[str] | frozenset[str] = (),
 ) -> float:
     """Seconds of one forward and input-gradient backward of the trunk: the fastest of ``repeats`` timed
     passes, after an untimed one (``warmup``: it warms caches and kernels, and compiles). ``inf`` when
-    none is timed (``repeats=0``: a warm-up alone)."""
+    none is timed (``repeats=0``: a warm-up alone).
+
+    With ``style_layers`` the pass is the optimisation's own: the features at those layers go through
+    the style term (:func:`nst_core.losses.style_layer_loss`: the Gram product, the difference and its
+    backward, against a stand-in target), so the work that runs around the trunk in one layout and not
+    the other is in the time; the other layers get a gradient of ones, as in the bare pass.
+    """
     x = torch.rand(tuple(shape), device=network.device).requires_grad_(True)
     best = math.inf
     for k in range(repeats + int(warmup)):
         _sync(network.device)
         start = time.perf_counter()
         feats = features(network, x, layers, execution)
-        torch.autograd.grad(list(feats.values()), x, [torch.ones_like(f) for f in feats.values()])
+        outputs = [style_layer_loss(f, _stand_in_target(f)).sum() if name in style_layers else f for name, f in feats.items()]
+        torch.autograd.grad(outputs, x, [torch.ones_like(out) for out in outputs])
         _sync(network.device)
         if k > 0 or not warmup:
             best = min(best, time.perf_counter() - start)
     return best
+
+
+def _stand_in_target(features: Tensor) -> GramTarget:
+    """A style target of the right size for timing (the identity: any target costs the same)."""
+    return GramTarget.of(torch.eye(features.shape[1], device=features.device).unsqueeze(0))
 
 
 def clear_choices() -> None:

@@ -65,32 +65,66 @@ def test_cudnn_autotune_is_set_for_cuda_only():
 def test_the_choice_is_measured_once_per_shape_class_and_recorded(monkeypatch):
     net = load_network("random:0").at_precision("fp32")
     timed: list[tuple[str, tuple[int, ...]]] = []
+    styled: set[frozenset[str]] = set()
     real = execution.time_pass
 
-    def counting(network, option, shape, layers, repeats=execution.MEASURE_REPEATS, warmup=True):
+    def counting(network, option, shape, layers, repeats=execution.MEASURE_REPEATS, warmup=True, style_layers=()):
         timed.append((option.label, tuple(shape)))
-        return real(network, option, shape, layers, repeats=repeats, warmup=warmup)
+        styled.add(frozenset(style_layers))
+        return real(network, option, shape, layers, repeats=repeats, warmup=warmup, style_layers=style_layers)
 
     monkeypatch.setattr(execution, "time_pass", counting)
     execution.clear_choices()
-    first = execution.choose_execution(net, (1, 3, 24, 32), LAYERS)
+    first = execution.choose_execution(net, (1, 3, 24, 32), LAYERS, style_layers=LAYERS[:5])
+    assert styled == {frozenset(LAYERS[:5])}  # the optimisation's pass: the style term's Grams are timed too
     per_class = 2 * (1 + execution.MEASURE_REPEATS)  # a warm-up, then the candidates in turn
     assert [label for label, _ in timed] == ["nchw", "channels_last"] * (1 + execution.MEASURE_REPEATS)
     assert {shape for _, shape in timed} == {(1, 3, 32, 32)}  # measured at the class's shape, not the first image's
-    assert execution.choose_execution(net, (1, 3, 32, 24), LAYERS) == first  # same class: no new measurement
+    assert execution.choose_execution(net, (1, 3, 32, 24), LAYERS, style_layers=LAYERS[:5]) == first  # same class: no new measurement
     assert len(timed) == per_class
-    execution.choose_execution(net, (1, 3, 48, 64), LAYERS)
+    execution.choose_execution(net, (1, 3, 48, 64), LAYERS, style_layers=LAYERS[:5])
     assert len(timed) == 2 * per_class
+    execution.choose_execution(net, (1, 3, 24, 32), LAYERS, style_layers=LAYERS[:2])  # another loss: its own measurement
+    assert len(timed) == 3 * per_class
     assert execution.choose_execution(net, (1, 3, 24, 32), LAYERS, dtype=torch.float64) == EAGER_NCHW
-    assert len(timed) == 2 * per_class
+    assert len(timed) == 3 * per_class
+
+    styled.clear()
+    execution.clear_choices()  # the stylising below measures again, through the engine's own calls
 
     params = StyleParams(size=32, iterations=3, weights="random:0", precision="fp32", tolerance=0)
     content, style = (images.load_image(sample_image(name)) for name in ("tubingen.jpg", "starry_night.jpg"))
     result = stylize(content, style, params, network=load_network("random:0"))
     assert result.execution in ("nchw", "channels_last")
+    assert styled == {frozenset(params.style_layers)}  # the engine times its own loss's layers
     paths = ItemPaths("/nowhere/items", "0" * 64, "png")
     meta = items.build_meta(item="0" * 64, row={}, params=params, inputs={}, weights="random:0", weights_id="random:0", result=result, paths=paths)
     assert meta["execution"] == result.execution and meta["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_timed_pass_runs_the_style_term_at_the_style_layers_only(monkeypatch, precision):
+    """The layout is chosen by the optimisation's pass: the Gram products and their backward at the style
+    layers are in it (they run differently in each layout), the other layers get a gradient of ones."""
+    net = load_network("random:0").at_precision(precision)
+    seen: list[tuple[int, torch.dtype]] = []
+    real = execution.style_layer_loss
+
+    def counting(features, target, normalization="target"):
+        seen.append((features.shape[1], features.dtype))
+        loss = real(features, target, normalization)
+        assert loss.shape == (1,) and torch.isfinite(loss).all()
+        return loss
+
+    monkeypatch.setattr(execution, "style_layer_loss", counting)
+    for layout in execution.LAYOUTS:
+        seconds = execution.time_pass(net, Execution(layout), (1, 3, 32, 32), LAYERS, repeats=2, style_layers=LAYERS[:3])
+        assert 0 < seconds < float("inf")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen == [(64, dtype), (128, dtype), (256, dtype)] * 2 * 3  # per layout: a warm-up pass and two timed
+    seen.clear()
+    execution.time_pass(net, EAGER_NCHW, (1, 3, 32, 32), LAYERS, repeats=1)
+    assert seen == []  # no style layers: the bare trunk (benchmarks/engine.py's figure)
 
 
 def test_a_larger_cpu_batch_is_taken_only_when_clearly_cheaper_per_item():
@@ -106,9 +140,9 @@ def test_the_cpu_batch_size_is_measured_once_per_shape_class(monkeypatch):
     timed: list[tuple[int, ...]] = []
     real = execution.time_pass
 
-    def counting(network, option, shape, layers, repeats=execution.MEASURE_REPEATS, warmup=True):
+    def counting(network, option, shape, layers, repeats=execution.MEASURE_REPEATS, warmup=True, style_layers=()):
         timed.append(tuple(shape))
-        return real(network, option, shape, layers, repeats=repeats, warmup=warmup)
+        return real(network, option, shape, layers, repeats=repeats, warmup=warmup, style_layers=style_layers)
 
     monkeypatch.setattr(execution, "time_pass", counting)
     execution.clear_choices()
