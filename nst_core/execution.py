@@ -24,10 +24,14 @@ fixed-shape iteration are not used: nothing here could test them on a GPU.
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import os
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -323,6 +327,39 @@ def time_pass(
 def _stand_in_target(features: Tensor) -> GramTarget:
     """A style target of the right size for timing (the identity: any target costs the same)."""
     return GramTarget.of(torch.eye(features.shape[1], device=features.device).unsqueeze(0))
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Bytes of tensors on ``device`` alive at the peak of ``run()``, above what was alive before it.
+
+    CUDA: the caching allocator's own count (``torch.cuda.max_memory_allocated``, reset first). CPU:
+    the profiler's memory timeline (every tensor's creation and destruction; its export is deprecated
+    in favour of CUDA-only snapshots, hence the warning filter): what the same tensors would occupy on a
+    GPU, without cuDNN's workspaces. Used to check :func:`nst_core.engine.estimate_item_bytes`, which
+    sizes automatic batches (``tests/unit/test_memory_estimate.py``, ``benchmarks/memory.py``).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        path = os.path.join(folder, "timeline.raw.json.gz")
+        prof.export_memory_timeline(path, device="cpu")
+        with gzip.open(path, "rt") as f:
+            events = json.load(f)  # in time order: (ns, action, signed bytes, category); tensors alive before at -1
+    before = sum(numbytes for t, _action, numbytes, _category in events if t == -1)
+    alive = peak = before
+    for t, _action, numbytes, _category in events:
+        if t != -1:
+            alive += numbytes
+            peak = max(peak, alive)
+    return int(peak - before)
 
 
 def clear_choices() -> None:

@@ -30,6 +30,13 @@ def layer_index(name: str) -> int:
         raise KeyError(f"unknown VGG-19 layer {name!r}; known layers: {', '.join(LAYER_NAMES)}") from None
 
 
+def layer_channels(name: str) -> int:
+    """Feature maps at a named layer (``relu3_1``: 256), from the block it is in (raises KeyError)."""
+    layer_index(name)
+    block = int(name.removeprefix("conv").removeprefix("relu").removeprefix("pool")[0])
+    return _BLOCKS[block - 1][0]
+
+
 def downsampling_before(name: str) -> int:
     """How many 2x poolings an image passes through before reaching ``name``."""
     return sum(1 for n in LAYER_NAMES[: layer_index(name) + 1] if n.startswith("pool"))

@@ -39,7 +39,7 @@ import torch
 from nst_core import engine, history, images, quality, storage
 from nst_core.engine import estimate_item_bytes, network_for
 from nst_core.errors import NSTError
-from nst_core.network import resolve_device
+from nst_core.network import resolve_device, resolve_precision
 from nst_core.weights import WeightsSpec
 from nst_run import inputs, items, lease
 from nst_run.paths import ItemPaths
@@ -450,7 +450,7 @@ def auto_batch_size(work: Work, items: int = AUTO_MAX_ITEMS) -> int:
     if work.content_size is None:
         return 1
     width, height = images.fitted_size(*work.content_size, params.size)
-    item_bytes = estimate_item_bytes(height, width, params)
+    item_bytes = estimate_item_bytes(height, width, params, resolve_precision(params.precision, device))
     if device.type == "cpu":
         return _cpu_batch_size(work, device, height, width, item_bytes, items)
     free, _ = torch.cuda.mem_get_info()
