@@ -575,7 +575,8 @@ def estimate_item_bytes(height: int, width: int, params: StyleParams, precision:
         height, width: the optimised image's size.
         params: the item's parameters (``optimizer``, ``style_layers``).
         precision: how the network computes, resolved on the device (``fp32`` or ``bf16``,
-            :func:`nst_core.network.resolve_precision`): bf16 feature maps take half the bytes.
+            :func:`nst_core.network.resolve_precision`): bf16 runs keep 0.6 of fp32's bytes per feature map
+            element (some of what surrounds them stays float32).
 
     The sum of what a run keeps per item, with :data:`_MEMORY_MARGIN`:
 
