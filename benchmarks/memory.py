@@ -58,7 +58,12 @@ def measure(size: int, device: torch.device, precision: str) -> dict[str, object
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         batch = int(max(1, min(AUTO_MAX_ITEMS, 0.7 * free // estimate)))  # as nst_run.execute.auto_batch_size
-        row.update({"free_mb": free / 1e6, "auto_batch_size": batch, "peak_auto_batch_mb": run(batch) / 1e6})
+        try:
+            peak_mb: float | str = run(batch) / 1e6
+        except torch.cuda.OutOfMemoryError:  # the estimate is too low: what the benchmark is there to show
+            peak_mb = "out of memory"
+            torch.cuda.empty_cache()
+        row.update({"free_mb": free / 1e6, "auto_batch_size": batch, "peak_auto_batch_mb": peak_mb})
     return row
 
 
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{size:>5} {shape:>10} {row['peak_one_item_mb']:>10.1f} {row['peak_two_items_mb']:>11.1f} {row['per_item_mb']:>12.1f} "
             f"{row['estimate_mb']:>12.1f} {row['estimate_over_measured']:>13.3f}"
-            + (f"  auto batch {row['auto_batch_size']} of {row['free_mb']:.0f} MB free: peak {row['peak_auto_batch_mb']:.0f} MB" if "auto_batch_size" in row else ""),
+            + (f"  auto batch {row['auto_batch_size']} of {row['free_mb']:.0f} MB free: peak {row['peak_auto_batch_mb']} MB" if "auto_batch_size" in row else ""),
             flush=True,
         )  # fmt: skip
     if args.json:
