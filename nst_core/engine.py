@@ -686,6 +686,7 @@ def stylize_batch(
     reasons = ["iterations"] * len(jobs)
     image_iterations: list[int] = [0] * len(jobs)
     executions: list[str] = []  # per stage
+    weights = loss_weights(params)
     done_iterations = 0
     stage: list[StageInputs] = []
     for long_side, stage_iterations in params.stages:
@@ -694,7 +695,6 @@ def stylize_batch(
         if len(shapes) != 1:
             raise ValueError(f"items of a batch must have the same size at {long_side} px, got {sorted(shapes)}")
         # The layout optimise will choose for this size (the same cached choice: one per long side and layers read).
-        weights = loss_weights(params)
         execution = choose_execution(network, (1, *stage[0].content.shape), weights.layers, stage[0].content.dtype, style_layers=tuple(weights.style_layers))
         p_content = _stack_targets([content_targets(network, inputs.content, params.content_layers, execution) for inputs in stage])
         a_style, guidance = batch_style_targets(network, params, stage, cache)

@@ -353,13 +353,12 @@ def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
         prof.export_memory_timeline(path, device="cpu")
         with gzip.open(path, "rt") as f:
             events = json.load(f)  # in time order: (ns, action, signed bytes, category); tensors alive before at -1
-    before = sum(numbytes for t, _action, numbytes, _category in events if t == -1)
-    alive = peak = before
+    alive = peak = 0
     for t, _action, numbytes, _category in events:
-        if t != -1:
+        if t != -1:  # what was alive before the run is not counted
             alive += numbytes
             peak = max(peak, alive)
-    return int(peak - before)
+    return peak
 
 
 def clear_choices() -> None:
