@@ -153,10 +153,20 @@ def test_s3_outage_past_the_retry_budget_fails_items_and_a_rerun_completes_them(
     bucket, uris = s3_samples
     manifest, output = _manifest(bucket, uris, [QUICK, SLOW, SLOW, SLOW]), f"s3://{bucket}/out"
     flow = FlowThread(manifest, output, retries=0, retry_delay_s=0.2)
-    every_row_settled = threading.Event()
-    with listening(lambda p: every_row_settled.set() if p.done >= p.total else None):  # flows.progress, in this process
+    first_row_settled, every_row_settled = threading.Event(), threading.Event()
+
+    def on_progress(progress) -> None:  # flows.progress, in this process
+        if progress.done >= 1:
+            first_row_settled.set()
+        if progress.done >= progress.total:
+            every_row_settled.set()
+
+    with listening(on_progress):
         flow.start()
-        _when_first_item_is_done(output, flow)
+        # S3 goes down once a task run has settled its rows, not at the first item's meta.json: on a CPU
+        # two SLOW rows share one task run, and an outage between their stores fails the task and
+        # reports both rows failed, the one already stored too (a known gap, see the issue note).
+        assert first_row_settled.wait(240), f"no row settled in time: {flow.error!r}"
         s3_server.stop()
         try:  # S3 stays down until the slow items have finished optimising, failed to store and have no retries left
             assert every_row_settled.wait(300), "the slow items never settled while S3 was down"
