@@ -6,7 +6,8 @@
   they are plain functions of the device and the timings);
 * the bf16 weight copy is bit for bit what autocast over the float32 trunk computes;
 * the Gram matrix's one-product backward and its channels-last input equal autograd's own;
-* the L-BFGS ring buffers, past a full history, give the textbook two-loop recursion's steps.
+* the L-BFGS ring buffers, past a full history, give the textbook two-loop recursion's steps, in
+  either orientation of the history's products, which is measured once per device, dtype and size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 from helpers import sample_image
 
-from nst_core import engine, execution, images, stylize
+from nst_core import engine, execution, images, optim, stylize
 from nst_core.execution import EAGER_NCHW, Execution, candidates, fastest, shape_class
 from nst_core.losses import gram_matrix
 from nst_core.network import load_network
@@ -212,7 +213,11 @@ def _textbook_direction(g: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.T
     return r
 
 
-def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history():
+@pytest.mark.parametrize("rows_first", [True, False])
+def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(monkeypatch, rows_first):
+    chosen: dict = {}
+    monkeypatch.setattr(optim, "_ROWS_FIRST", chosen)
+    monkeypatch.setattr(optim, "measure_orientation", lambda history, repeats=3: chosen.setdefault(optim._orientation_key(history), rows_first))
     torch.manual_seed(0)
     d, history = 12, 4
     curvature = torch.rand(d, dtype=torch.float64) + 0.5
@@ -232,6 +237,28 @@ def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(
             s, y = pairs[-1]
             expected = 0.5 * _textbook_direction(grad[0], pairs, float((y @ s) / (y @ y)))
             assert torch.allclose((x - before)[0], expected, rtol=1e-10, atol=1e-14)
+    assert list(chosen.values()) == [rows_first]  # the orientation was decided once, at the first pair
+
+
+def test_the_history_products_orientation_is_measured_once_per_size_class(monkeypatch):
+    """Both orientations compute ``rows @ history.T``; the faster is measured once per device, dtype,
+    history length and size class of D (within a factor of two), then reused without timing."""
+    monkeypatch.setattr(optim, "_ROWS_FIRST", {})
+    timings: list[float] = []
+    real = optim.time.perf_counter
+    monkeypatch.setattr(optim.time, "perf_counter", lambda: timings.append(0.0) or real())
+    g = torch.Generator().manual_seed(0)
+    history, rows = torch.randn(8, 1000, generator=g), torch.randn(3, 1000, generator=g)
+    optim.measure_orientation(history)
+    measured = len(timings)
+    assert measured > 0
+    optim.measure_orientation(torch.zeros(8, 700))  # the same size class: not measured again
+    assert len(timings) == measured
+    optim.measure_orientation(torch.zeros(8, 5000))  # another class is
+    assert len(timings) > measured
+    for rows_first in (True, False):
+        optim._ROWS_FIRST[optim._orientation_key(history)] = rows_first
+        torch.testing.assert_close(optim.inner_products(rows, history), rows @ history.T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
