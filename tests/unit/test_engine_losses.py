@@ -307,3 +307,31 @@ def test_bf16_gram_difference_is_rounded_relative_to_the_difference(layout, mkld
     assert gradient.is_contiguous(memory_format=layout)  # in the features' own layout
     fp32 = losses.mean_gram_difference(features.float(), losses.GramTarget.of(target))
     assert float((fp32.double() - exact).norm() / exact.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bf16_style_term_in_one_step_is_the_composed_formula(norm, layout):
+    """bf16 features: :func:`losses.style_layer_loss` computes ``E_l`` and its gradient in one step; both
+    agree with the same maths composed by autograd (the difference, then :func:`gram_difference_loss`)
+    to float32 rounding, per item of a batch, and against float64 to bf16's rounding."""
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(3, 16, 12, 10, generator=g).relu().bfloat16().contiguous(memory_format=layout)
+    gram = losses.mean_gram(features.double())
+    target = losses.GramTarget.of((gram * (1 + 0.02 * torch.randn(gram.shape, generator=g, dtype=torch.float64))).float())
+    weights = torch.tensor([0.5, 1.0, 2.0])  # a different upstream gradient per item
+
+    def value_and_gradient(term):
+        x = features.clone().requires_grad_(True)
+        value = term(x)
+        (gradient,) = torch.autograd.grad((value * weights).sum(), x)
+        return value, gradient
+
+    one_step = value_and_gradient(lambda x: losses.style_layer_loss(x, target, norm))
+    composed = value_and_gradient(lambda x: losses.gram_difference_loss(losses.mean_gram_difference(x, target), target.energy, norm))
+    torch.testing.assert_close(one_step[0], composed[0], rtol=1e-5, atol=0)
+    assert one_step[1].dtype == torch.bfloat16 and one_step[1].is_contiguous(memory_format=layout)
+    assert float((one_step[1].double() - composed[1].double()).norm() / composed[1].double().norm()) < 5e-4  # measured: equal
+    exact = value_and_gradient(lambda x: losses.style_layer_loss(x.double(), target.gram.double(), norm))
+    assert float((one_step[0].double() - exact[0]).norm() / exact[0].norm()) < 2e-3  # measured 3.4e-4
+    assert float((one_step[1].double() - exact[1]).norm() / exact[1].norm()) < 8e-3  # measured 3.8e-3: two roundings, dD then dF
