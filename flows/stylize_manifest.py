@@ -37,7 +37,7 @@ from flows.retention import ThreadPoolRunner, forget_dead_results, forget_no_ass
 from nst_core import storage
 from nst_core.params import StyleParams
 from nst_run import paths
-from nst_run.execute import DEVICES, release_failed_leases
+from nst_run.execute import DEVICES, FailedTasks, release_failed_leases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
 from nst_run.planning import (
@@ -50,7 +50,6 @@ from nst_run.planning import (
     chunks,
     costliest_first,
     outcome_for_invalid,
-    outcome_for_row,
     plan_units,
     rows_costliest_first,
 )
@@ -305,6 +304,7 @@ def stylize_manifest(
     random_weights = False
     releaser = ThreadPoolExecutor(1, thread_name_prefix="nst-release")  # leases of failed items, freed off the dispatch loop
     releases: list[Any] = []
+    failed_tasks = FailedTasks(output_uri, owner, releaser, logger)  # their rows are settled by what storage holds
     items_left = len(manifest.rows)  # rows not yet given to a task (an upper bound on the items left)
     unit_floor = 1
     while True:
@@ -355,10 +355,14 @@ def stylize_manifest(
             computed = list(returned)
             forget_result(returned)  # its outcomes: no later task is given them
         except Exception as exc:  # retries exhausted, or an unexpected error: only this unit fails
+            # Its items stored before the failure are finished: read off storage in the background and settled
+            # once known (at the run's end if storage is down); the others fail with this reason.
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            computed = [outcome_for_row(w.row, "failed", error=reason, item_id=w.item_id) for w in unit]
+            failed_tasks.add(unit, reason)
+            computed = []
         forget_result(unit)  # the Work items the task was given, its last use of them
         forget_no_assets()
+        computed += failed_tasks.ready()
         if failed := [o for o in computed if o.status == "failed"]:  # freed in the background: storage may be down
             releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)
@@ -366,6 +370,11 @@ def stylize_manifest(
         for outcome in computed:
             pace.item_time(outcome.duration_s)
         pace.collected(time.perf_counter() - collecting)
+    if late := failed_tasks.finish(storage_patience_s):  # what storage did not say during the run: waited for now
+        if failed := [o for o in late if o.status == "failed"]:
+            releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
+        random_weights = random_weights or any(o.weights_id.startswith("random:") for o in late)
+        settle(flight.settle(late))
     for release in releases:
         release.result()  # release_failed_leases waits up to storage_patience_s, then leaves the lease to expire
     releaser.shutdown()

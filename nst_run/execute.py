@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -361,6 +361,81 @@ def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: s
                 storage.retry_transient(lambda folder=folder: lease.release_owned(folder, owner), patience_s)  # type: ignore[misc]
             except storage.StorageError as exc:
                 logger.warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
+
+
+def outcomes_of_failed_task(works: Sequence[Work], reason: str, output_uri: str, owner: str, patience_s: float, logger: Logger = log) -> list[Outcome | None]:
+    """The outcomes of a task that failed for good (its retries spent, or an unexpected error) on ``works``.
+
+    A task stores its items one after another, so it may fail on one item's files (storage went down)
+    after another item was finished: that item's ``meta.json``, written last, says so. Per item:
+    finished by this run (``owner``), ``succeeded``; by another run meanwhile, ``done_elsewhere``; not
+    finished (no ``meta.json``, or one that does not parse), ``failed`` with ``reason``; ``None`` when
+    storage did not answer within ``patience_s`` (for all the items together): nothing is taken for
+    finished unread.
+    """
+    deadline = time.monotonic() + patience_s
+    outcomes: list[Outcome | None] = []
+    for work in works:
+        paths = item_paths(work, output_uri)
+        try:
+            meta = storage.retry_transient(lambda paths=paths: items.read_meta(paths), max(0.0, deadline - time.monotonic()))  # type: ignore[misc]
+        except storage.StorageError as exc:
+            if exc.transient:
+                outcomes.append(None)
+                continue
+            meta = None
+        except ValueError:  # a meta.json that does not parse is no finished item's mark
+            meta = None
+        if meta is None:
+            outcomes.append(outcome_for_row(work.row, "failed", error=reason, item_id=work.item_id))
+        else:
+            outcomes.append(cached_outcome(work, output_uri, meta, status="succeeded" if meta.get("run_owner") == owner else "done_elsewhere"))
+    return outcomes
+
+
+class FailedTasks:
+    """The rows of tasks that failed for good, settled by what storage holds (:func:`outcomes_of_failed_task`).
+
+    :meth:`add` reads a failed unit's items at once, on ``executor`` (off the dispatch loop); :meth:`ready`
+    gives the outcomes read so far. An item storage did not answer for (it is down: the likely reason the
+    task failed) waits for :meth:`finish`, at the run's end, which reads it again for up to the run's
+    storage patience, shared by all such items, and reports it failed if storage stays silent (a re-run
+    finds it cached if it was stored).
+    """
+
+    def __init__(self, output_uri: str, owner: str, executor: Executor, logger: Logger = log):
+        self.output_uri, self.owner, self.executor, self.logger = output_uri, owner, executor, logger
+        self._reading: list[tuple[list[Work], str, Future[list[Outcome | None]]]] = []
+        self._unread: list[tuple[Work, str]] = []
+
+    def add(self, works: Sequence[Work], reason: str) -> None:
+        self._reading.append((list(works), reason, self.executor.submit(outcomes_of_failed_task, works, reason, self.output_uri, self.owner, 0.0, self.logger)))
+
+    def ready(self, wait: bool = False) -> list[Outcome]:
+        """The outcomes read since the last call (all reads awaited with ``wait``)."""
+        found: list[Outcome] = []
+        for entry in [e for e in self._reading if wait or e[2].done()]:
+            self._reading.remove(entry)
+            works, reason, read = entry
+            for work, outcome in zip(works, read.result(), strict=True):
+                if outcome is None:
+                    self._unread.append((work, reason))
+                else:
+                    found.append(outcome)
+        return found
+
+    def finish(self, patience_s: float) -> list[Outcome]:
+        """The rest: every read awaited, then the items storage did not answer for read again."""
+        found = self.ready(wait=True)
+        deadline = time.monotonic() + patience_s
+        for work, reason in self._unread:
+            (outcome,) = outcomes_of_failed_task([work], reason, self.output_uri, self.owner, max(0.0, deadline - time.monotonic()), self.logger)
+            if outcome is None:
+                self.logger.warning("item %s (row %s): storage did not say whether it was stored; reported failed", work.item_id, work.row.row)
+                outcome = outcome_for_row(work.row, "failed", error=reason, item_id=work.item_id)
+            found.append(outcome)
+        self._unread = []
+        return found
 
 
 def default_owner() -> str:
