@@ -305,6 +305,12 @@ def stylize_manifest(
     releaser = ThreadPoolExecutor(1, thread_name_prefix="nst-release")  # leases of failed items, freed off the dispatch loop
     releases: list[Any] = []
     failed_tasks = FailedTasks(output_uri, owner, releaser, logger)  # their rows are settled by what storage holds
+
+    def release_leases(outcomes: list[Outcome]) -> None:
+        """Free the leases of failed items in the background: storage may be down."""
+        if failed := [o for o in outcomes if o.status == "failed"]:
+            releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
+
     items_left = len(manifest.rows)  # rows not yet given to a task (an upper bound on the items left)
     unit_floor = 1
     while True:
@@ -363,16 +369,14 @@ def stylize_manifest(
         forget_result(unit)  # the Work items the task was given, its last use of them
         forget_no_assets()
         computed += failed_tasks.ready()
-        if failed := [o for o in computed if o.status == "failed"]:  # freed in the background: storage may be down
-            releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
+        release_leases(computed)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)
         settle(flight.settle(computed))
         for outcome in computed:
             pace.item_time(outcome.duration_s)
         pace.collected(time.perf_counter() - collecting)
     if late := failed_tasks.finish(storage_patience_s):  # what storage did not say during the run: waited for now
-        if failed := [o for o in late if o.status == "failed"]:
-            releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
+        release_leases(late)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in late)
         settle(flight.settle(late))
     for release in releases:

@@ -343,9 +343,14 @@ def _claim(work: Work, output_uri: str, owner: str, ttl_s: float, force: bool) -
     got = lease.acquire(paths.folder, owner, ttl_s)
     if isinstance(got, lease.Lease) and not force and (meta := items.read_meta(paths)) is not None:
         got.release()
-        # Finished by an earlier attempt of this same run (a retry), or by another run meanwhile.
-        return cached_outcome(work, output_uri, meta, status="succeeded" if meta.get("run_owner") == owner else "done_elsewhere")
+        return _finished_outcome(work, output_uri, meta, owner)
     return got
+
+
+def _finished_outcome(work: Work, output_uri: str, meta: dict[str, Any], owner: str) -> Outcome:
+    """A finished item's outcome: ``succeeded`` when this run (``owner``: an earlier attempt of its task,
+    or a task that failed after storing it) wrote its ``meta.json``, ``done_elsewhere`` when another run did."""
+    return cached_outcome(work, output_uri, meta, status="succeeded" if meta.get("run_owner") == owner else "done_elsewhere")
 
 
 def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: str, patience_s: float, logger: Logger = log) -> None:
@@ -386,10 +391,7 @@ def outcomes_of_failed_task(works: Sequence[Work], reason: str, output_uri: str,
             meta = None
         except ValueError:  # a meta.json that does not parse is no finished item's mark
             meta = None
-        if meta is None:
-            outcomes.append(outcome_for_row(work.row, "failed", error=reason, item_id=work.item_id))
-        else:
-            outcomes.append(cached_outcome(work, output_uri, meta, status="succeeded" if meta.get("run_owner") == owner else "done_elsewhere"))
+        outcomes.append(_failed(work, reason) if meta is None else _finished_outcome(work, output_uri, meta, owner))
     return outcomes
 
 
@@ -432,7 +434,7 @@ class FailedTasks:
             (outcome,) = outcomes_of_failed_task([work], reason, self.output_uri, self.owner, max(0.0, deadline - time.monotonic()), self.logger)
             if outcome is None:
                 self.logger.warning("item %s (row %s): storage did not say whether it was stored; reported failed", work.item_id, work.row.row)
-                outcome = outcome_for_row(work.row, "failed", error=reason, item_id=work.item_id)
+                outcome = _failed(work, reason)
             found.append(outcome)
         self._unread = []
         return found
