@@ -284,6 +284,28 @@ def test_style_loss_is_zero_for_the_style_image_itself(random_vgg, norm):
         assert losses.style_layer_loss(photo, targets[name], norm).item() > 1e-3 * scale, name
 
 
+def _symmetric_noise(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise for ``[B, N, N]`` matrices, symmetric in the last two dimensions: a Gram
+    target moved by ``A * (1 + eps * noise)`` stays symmetric, as every style target is."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return (noise + noise.transpose(-1, -2)) / 2**0.5
+
+
+def test_gram_target_split_is_exactly_symmetric():
+    """:meth:`losses.GramTarget.of` splits ``(A + A^T) / 2``: the one-step bf16 style term's backward takes
+    ``D + D^T`` as ``2 D``. A Gram computed in float32 may differ from its transpose in the last bit."""
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(2, 24, 700, generator=g)
+    gram = flat @ flat.transpose(1, 2) / 700
+    gram[:, 0, 1] = torch.nextafter(gram[:, 0, 1], torch.tensor(float("inf")))  # one entry a bit off its mirror
+    target = losses.GramTarget.of(gram)
+    assert torch.equal(target.minus_high, target.minus_high.transpose(1, 2))
+    assert torch.equal(target.low, target.low.transpose(1, 2))
+    assert torch.equal(target.gram, gram)  # the target itself as given (float32 paths, the energy)
+    split = -target.minus_high.float() + target.low
+    assert float((split - gram).abs().max()) <= float(gram.abs().max()) * 2**-23
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "native"])
 def test_bf16_gram_difference_is_rounded_relative_to_the_difference(layout, mkldnn):
@@ -293,7 +315,7 @@ def test_bf16_gram_difference_is_rounded_relative_to_the_difference(layout, mkld
     g = torch.Generator().manual_seed(5)
     features = torch.randn(2, 16, 24, 20, generator=g).relu().bfloat16().contiguous(memory_format=layout)
     exact_gram = losses.mean_gram(features.double())
-    target = (exact_gram * (1 + 0.01 * torch.randn(exact_gram.shape, generator=g, dtype=torch.float64))).float()  # 1 % away
+    target = (exact_gram * (1 + 0.01 * _symmetric_noise(exact_gram.shape, g))).float()  # 1 % away, still a Gram's shape
     exact = exact_gram - target.double()
     wide = features.double().requires_grad_(True)
     (expected,) = torch.autograd.grad((losses.mean_gram(wide) - target.double()).square().sum(), wide)
@@ -318,7 +340,7 @@ def test_bf16_style_term_in_one_step_is_the_composed_formula(norm, layout):
     g = torch.Generator().manual_seed(7)
     features = torch.randn(3, 16, 12, 10, generator=g).relu().bfloat16().contiguous(memory_format=layout)
     gram = losses.mean_gram(features.double())
-    target = losses.GramTarget.of((gram * (1 + 0.02 * torch.randn(gram.shape, generator=g, dtype=torch.float64))).float())
+    target = losses.GramTarget.of((gram * (1 + 0.02 * _symmetric_noise(gram.shape, g))).float())
     weights = torch.tensor([0.5, 1.0, 2.0])  # a different upstream gradient per item
 
     def value_and_gradient(term):
