@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 
 from nst_core.losses import GramTarget, style_layer_loss
+from nst_core.measure import MARGIN, fastest
+from nst_core.measure import sync as _sync
 from nst_core.network import LAYER_NAMES, Network, VGGFeatures
 
 LAYOUTS = ("nchw", "channels_last")
@@ -58,9 +60,6 @@ The candidates take turns, one pass each per round: a load that comes and goes (
 load was there loses: in one run beside a soak, the engine chose channels-last at 256 px where the
 benchmark's bare trunk then ran NCHW 11 % faster."""
 
-MARGIN = 0.05
-"""Another candidate replaces the first (NCHW, eager: PyTorch's default) only when it is this much faster:
-on a machine where two candidates are equal, noise would otherwise pick either from run to run."""
 
 COMPILE_ENV = "NST_TORCH_COMPILE"
 
@@ -90,18 +89,6 @@ def candidates(dtype: torch.dtype, allow_compile: bool = False) -> list[Executio
         return [EAGER_NCHW]
     eager = [Execution(layout) for layout in LAYOUTS]
     return eager + ([Execution(layout, compiled=True) for layout in LAYOUTS] if allow_compile else [])
-
-
-def fastest(timings: Mapping[Execution, float], margin: float = MARGIN) -> Execution:
-    """The candidate to use given seconds per pass (in :func:`candidates`' order, the first the default).
-
-    The fastest, unless it beats the first by less than ``margin`` (then the first).
-    """
-    if not timings:
-        raise ValueError("no candidates were timed")
-    default = next(iter(timings))
-    best = min(timings, key=lambda e: timings[e])
-    return best if timings[best] < (1.0 - margin) * timings[default] else default
 
 
 def shape_class(shape: Sequence[int]) -> int:
@@ -376,8 +363,3 @@ def _compiled(trunk: VGGFeatures) -> Callable[..., dict[str, Tensor]]:
         with _LOCK:
             found = _COMPILED.setdefault(key, (trunk, torch.compile(trunk)))
     return found[1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -19,10 +19,13 @@ counts the same thing (forward + backward passes) for both optimisers.
 
 from __future__ import annotations
 
-import time
+import functools
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from nst_core.measure import fastest, time_in_turns
 
 # Curvature pairs kept per item (torch.optim.LBFGS's default).
 LBFGS_HISTORY = 100
@@ -30,57 +33,90 @@ LBFGS_HISTORY = 100
 _CURVATURE_EPS = 1e-10
 
 
-# Per device, dtype, history length and size class of D: whether ``rows @ history.T`` (True) or
-# ``(history @ rows.T).T`` computes :func:`inner_products` faster here (:func:`measure_orientation`).
-_ROWS_FIRST: dict[tuple[str, torch.dtype, int, int], bool] = {}
-ORIENTATION_MARGIN = 0.05
-"""The other orientation replaces ``rows @ history.T`` only when it is this much faster (as the layouts)."""
+HistoryProducts = Literal["rows_first", "history_first", "onednn"]
+"""How the step's two products over the history run (:func:`inner_products`, :func:`combine`):
+``rows_first`` (``rows @ history.T``, PyTorch's BLAS: the default), ``history_first``
+(``(history @ rows.T).T``, the same BLAS) or ``onednn`` (oneDNN's float32 matrix product, CPU)."""
+
+# Per device, dtype, history length and size class of D: the way measured fastest (:func:`measure_products`).
+_PRODUCTS: dict[tuple[str, torch.dtype, int, int], HistoryProducts] = {}
 
 
 def inner_products(rows: Tensor, history: Tensor) -> Tensor:
     """``rows`` ``[k, D]`` times ``history`` ``[n, D]`` transposed: ``[k, n]``, every ``r_a . h_i``.
 
-    Both ways of writing the product compute the same thing (up to the order of the sums), but BLAS
-    libraries run them very differently for a short side ``k`` of 1-3 and a long ``D``: on one Xeon
-    (MKL, AVX512) ``rows @ history.T`` was 3x faster; on one AMD EPYC (the same MKL, which takes a
-    slower path there) ``(history @ rows.T).T`` was 2.2x faster (3.3 against 7.2 ms for ``k`` = 3 at
-    ``D`` = 3 x 256 x 192, ``n`` = 100). So the orientation is measured
-    (:func:`measure_orientation`) when a history is first allocated for a device, dtype and size.
+    Every way computes the same thing (up to the order of the sums), but libraries run them very
+    differently for a short side ``k`` of 1-3 and a long ``D``: on one Xeon (MKL, AVX512)
+    ``rows @ history.T`` was 3x faster than ``(history @ rows.T).T``; on one AMD EPYC with AVX512
+    (the same MKL, which takes a slower path on AMD CPUs) the other way round, 2.2x (3.3 against
+    7.2 ms for ``k`` = 3 at ``D`` = 3 x 256 x 192, ``n`` = 200), and oneDNN's product faster than
+    either at 128 px (1.1 against 1.9 ms; the history fits the CPU's cache there). So the way is
+    measured (:func:`measure_products`) when a history is first allocated for a device, dtype and size.
     """
-    key = _orientation_key(history)
-    if _ROWS_FIRST.get(key, True):
-        return rows @ history.T
-    return (history @ rows.T).T
+    way = _PRODUCTS.get(_products_key(history), "rows_first")
+    if way == "onednn":
+        return _onednn_product(rows, history)
+    if way == "history_first":
+        return (history @ rows.T).T
+    return rows @ history.T
 
 
-def _orientation_key(history: Tensor) -> tuple[str, torch.dtype, int, int]:
+def combine(coefficients: Tensor, history: Tensor, out: Tensor) -> None:
+    """``out`` ``[1, D]`` = ``coefficients`` ``[1, n]`` times ``history`` ``[n, D]``, in the way
+    :func:`inner_products` uses for this history."""
+    if _PRODUCTS.get(_products_key(history)) == "onednn":
+        out.copy_(_onednn_product(coefficients, history.T))
+    else:
+        torch.mm(coefficients, history, out=out)
+
+
+def _onednn_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` by oneDNN's float32 matrix product (PyTorch sends float32 products to MKL, and
+    reaches oneDNN's only through this operator, the one inductor uses for linear layers on CPUs)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+def _products_key(history: Tensor) -> tuple[str, torch.dtype, int, int]:
     return history.device.type, history.dtype, history.shape[0], history.shape[1].bit_length()
 
 
-def measure_orientation(history: Tensor, repeats: int = 3) -> bool:
-    """Time both orientations of :func:`inner_products` on ``history`` (a full ``[2m, D]`` history of
-    the size to come, its values unused) with ``k`` = 3 rows, once per device, dtype, ``m`` and size
-    class of ``D`` (within a factor of two) in a process; returns (and keeps) whether ``rows @ history.T``
-    is used. The two take turns, the fastest pass of each counts, as for the trunk's layouts."""
-    key = _orientation_key(history)
-    if key in _ROWS_FIRST:
-        return _ROWS_FIRST[key]
-    rows = history.new_zeros((3, history.shape[1]))
-    ways = {True: lambda: rows @ history.T, False: lambda: (history @ rows.T).T}
-    best = {way: float("inf") for way in ways}
-    for round_ in range(repeats + 1):
-        for way, product in ways.items():
-            if history.device.type == "cuda":
-                torch.cuda.synchronize(history.device)
-            start = time.perf_counter()
-            product()
-            if history.device.type == "cuda":
-                torch.cuda.synchronize(history.device)
-            if round_ > 0:  # the first round warms caches and kernels
-                best[way] = min(best[way], time.perf_counter() - start)
-    choice = not best[False] < (1.0 - ORIENTATION_MARGIN) * best[True]
-    _ROWS_FIRST[key] = choice
-    return choice
+def product_ways(history: Tensor) -> list[HistoryProducts]:
+    """The ways worth timing for ``history``, the default first: oneDNN's only for float32 on a CPU,
+    where this PyTorch has the operator."""
+    ways: list[HistoryProducts] = ["rows_first", "history_first"]
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if onednn and history.device.type == "cpu" and history.dtype == torch.float32:
+        ways.append("onednn")
+    return ways
+
+
+def measure_products(history: Tensor, repeats: int = 3) -> HistoryProducts:
+    """Time each of :func:`product_ways` on ``history`` (a full ``[2m, D]`` history of the size to come,
+    its values unused): a step's two products, :func:`inner_products` with ``k`` = 3 rows and
+    :func:`combine`. Once per device, dtype, ``m`` and size class of ``D`` (within a factor of two) in a
+    process; returns (and keeps) the way chosen, the fastest unless within :data:`~nst_core.measure.MARGIN`
+    of the default (:func:`nst_core.measure.fastest`)."""
+    key = _products_key(history)
+    if key in _PRODUCTS:
+        return _PRODUCTS[key]
+    rows, out = history.new_zeros((3, history.shape[1])), history.new_empty((1, history.shape[1]))
+    coefficients = history.new_zeros((1, history.shape[0]))
+
+    def step_products(way: HistoryProducts) -> None:
+        _PRODUCTS[key] = way
+        inner_products(rows, history)
+        combine(coefficients, history, out)
+
+    ways = {way: functools.partial(step_products, way) for way in product_ways(history)}
+    try:
+        timings = time_in_turns(ways, repeats, history.device)
+    except RuntimeError:  # oneDNN's operator refused (another PyTorch build): the BLAS's ways only
+        if "onednn" not in ways:
+            raise
+        del ways["onednn"]
+        timings = time_in_turns(ways, repeats, history.device)
+    _PRODUCTS[key] = fastest(timings)
+    return _PRODUCTS[key]
 
 
 class BatchedLBFGS:
@@ -201,7 +237,7 @@ class BatchedLBFGS:
         if self._pairs is None or self._rho is None or self._sy is None or self._yy is None:
             b, d, m = *s.shape, self.history
             self._pairs = s.new_zeros((b, m, 2, d))
-            measure_orientation(self._pairs[0].reshape(2 * m, d))
+            measure_products(self._pairs[0].reshape(2 * m, d))
             self._rho = s.new_zeros((b, m))
             self._sy, self._yy = s.new_zeros((b, m, m)), s.new_zeros((b, m, m))
         if len(self._rows) == self.history:
@@ -245,7 +281,7 @@ class BatchedLBFGS:
             on_s_coef, on_y_coef = two_loop_coefficients(sg[order], yg[order], sy, yy, self._rho[b, order], h[b])
             coefficients = g.new_zeros((used, 2))  # interleaved as the history's rows
             coefficients[order, 0], coefficients[order, 1] = on_s_coef, on_y_coef
-            torch.mm(coefficients.reshape(1, 2 * used), history, out=out[b : b + 1])
+            combine(coefficients.reshape(1, 2 * used), history, out[b : b + 1])
             out[b].addcmul_(g[b], h[b], value=-1.0)
         return out
 

@@ -7,7 +7,8 @@
 * the bf16 weight copy is bit for bit what autocast over the float32 trunk computes;
 * the Gram matrix's one-product backward and its channels-last input equal autograd's own;
 * the L-BFGS ring buffers, past a full history, give the textbook two-loop recursion's steps, in
-  either orientation of the history's products, which is measured once per device, dtype and size.
+  every way of making the history's products (two orientations of the BLAS product, oneDNN's),
+  which is measured once per device, dtype and size.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 from helpers import sample_image
 
-from nst_core import engine, execution, images, optim, stylize
+from nst_core import engine, execution, images, measure, optim, stylize
 from nst_core.execution import EAGER_NCHW, Execution, candidates, fastest, shape_class
 from nst_core.losses import gram_matrix
 from nst_core.network import load_network
@@ -213,52 +214,66 @@ def _textbook_direction(g: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.T
     return r
 
 
-@pytest.mark.parametrize("rows_first", [True, False])
-def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(monkeypatch, rows_first):
+@pytest.mark.parametrize(
+    ("way", "dtype"),
+    [(way, torch.float64) for way in ("rows_first", "history_first")]
+    + [(way, torch.float32) for way in ("rows_first", "history_first", "onednn")],
+)
+def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(monkeypatch, way, dtype):
+    """Each way of making the history's products gives the textbook two-loop direction, through two
+    wraps of the ring buffer (oneDNN's is float32 only, so float32 runs too, to float32's rounding)."""
     chosen: dict = {}
-    monkeypatch.setattr(optim, "_ROWS_FIRST", chosen)
-    monkeypatch.setattr(optim, "measure_orientation", lambda history, repeats=3: chosen.setdefault(optim._orientation_key(history), rows_first))
+    monkeypatch.setattr(optim, "_PRODUCTS", chosen)
+    monkeypatch.setattr(optim, "measure_products", lambda history, repeats=3: chosen.setdefault(optim._products_key(history), way))
     torch.manual_seed(0)
     d, history = 12, 4
-    curvature = torch.rand(d, dtype=torch.float64) + 0.5
-    x = torch.randn(1, d, dtype=torch.float64)
+    curvature = (torch.rand(d, dtype=torch.float64) + 0.5).to(dtype)
+    x = torch.randn(1, d, dtype=torch.float64).to(dtype)
     opt = BatchedLBFGS(1, lr=0.5, history=history, device="cpu")
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     previous: tuple[torch.Tensor, torch.Tensor] | None = None
+    tolerance = {"rtol": 1e-10, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
     for _ in range(3 * history):  # wraps the ring buffer twice
         grad = curvature * x
         if previous is not None:
-            s, y = (x - previous[0])[0], (grad - previous[1])[0]
+            s, y = (x - previous[0])[0].double(), (grad - previous[1])[0].double()
             pairs = (pairs + [(s, y)])[-history:]
         before = x.clone()
         previous = (before, grad.clone())
         opt.step(x, grad)
         if pairs:  # not the first step: x moved by lr times the direction
             s, y = pairs[-1]
-            expected = 0.5 * _textbook_direction(grad[0], pairs, float((y @ s) / (y @ y)))
-            assert torch.allclose((x - before)[0], expected, rtol=1e-10, atol=1e-14)
-    assert list(chosen.values()) == [rows_first]  # the orientation was decided once, at the first pair
+            expected = 0.5 * _textbook_direction(grad[0].double(), pairs, float((y @ s) / (y @ y)))
+            torch.testing.assert_close((x - before)[0].double(), expected, **tolerance)
+    assert list(chosen.values()) == [way]  # the way was decided once, at the first pair
 
 
-def test_the_history_products_orientation_is_measured_once_per_size_class(monkeypatch):
-    """Both orientations compute ``rows @ history.T``; the faster is measured once per device, dtype,
-    history length and size class of D (within a factor of two), then reused without timing."""
-    monkeypatch.setattr(optim, "_ROWS_FIRST", {})
+def test_the_history_products_way_is_measured_once_per_size_class(monkeypatch):
+    """Every way computes ``rows @ history.T`` and ``coefficients @ history``; the fastest is measured
+    once per device, dtype, history length and size class of D (within a factor of two), then reused
+    without timing. oneDNN's product is a candidate for float32 on a CPU, not for float64."""
+    monkeypatch.setattr(optim, "_PRODUCTS", {})
     timings: list[float] = []
-    real = optim.time.perf_counter
-    monkeypatch.setattr(optim.time, "perf_counter", lambda: timings.append(0.0) or real())
+    real = measure.time.perf_counter
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: timings.append(0.0) or real())
     g = torch.Generator().manual_seed(0)
-    history, rows = torch.randn(8, 1000, generator=g), torch.randn(3, 1000, generator=g)
-    optim.measure_orientation(history)
+    history, rows, coefficients = torch.randn(8, 1000, generator=g), torch.randn(3, 1000, generator=g), torch.randn(1, 8, generator=g)
+    onednn = ["onednn"] if torch.backends.mkldnn.is_available() else []  # in the pinned PyTorch builds
+    assert optim.product_ways(history) == ["rows_first", "history_first", *onednn]
+    assert "onednn" not in optim.product_ways(history.double())
+    assert optim.measure_products(history) in optim.product_ways(history)
     measured = len(timings)
     assert measured > 0
-    optim.measure_orientation(torch.zeros(8, 700))  # the same size class: not measured again
+    optim.measure_products(torch.zeros(8, 700))  # the same size class: not measured again
     assert len(timings) == measured
-    optim.measure_orientation(torch.zeros(8, 5000))  # another class is
+    optim.measure_products(torch.zeros(8, 5000))  # another class is
     assert len(timings) > measured
-    for rows_first in (True, False):
-        optim._ROWS_FIRST[optim._orientation_key(history)] = rows_first
+    for way in optim.product_ways(history):
+        optim._PRODUCTS[optim._products_key(history)] = way
         torch.testing.assert_close(optim.inner_products(rows, history), rows @ history.T, rtol=1e-5, atol=1e-4)
+        out = torch.empty(1, 1000)
+        optim.combine(coefficients, history, out)
+        torch.testing.assert_close(out, coefficients @ history, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
