@@ -38,6 +38,18 @@ def to_png(history: list[dict[str, float]], title: str = "loss") -> bytes:
         return _plot(history, title)
 
 
+_TITLE_CHARS = 64
+"""Characters of a title line that fit over the plot's axes at its font size (hex digits, the widest)."""
+
+
+def _abridged(text: str) -> str:
+    """``text`` cut to :data:`_TITLE_CHARS` by an ellipsis in its middle (both ends of an id stay)."""
+    if len(text) <= _TITLE_CHARS:
+        return text
+    half = (_TITLE_CHARS - 1) // 2
+    return text[:half] + "\u2026" + text[-half:]
+
+
 def _plot(history: list[dict[str, float]], title: str) -> bytes:
     import matplotlib
 
@@ -55,11 +67,15 @@ def _plot(history: list[dict[str, float]], title: str) -> bytes:
     ax.set_yscale("log")
     ax.set_xlabel("iteration (loss evaluations)")
     ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
+    lines = [_abridged(part) for part in title.split("  ")] if len(title) > _TITLE_CHARS else [title]
+    ax.set_title("\n".join(lines), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    # Fixed margins, fitted to this figure's size and fonts: ``tight_layout`` measured every tick label
+    # in an extra draw, 40 % of a plot's time (230 against 138 ms for a 220-iteration history; every
+    # item of a run plots one, on the task's own time).
+    fig.subplots_adjust(left=0.11, right=0.98, top=0.96 - 0.05 * len(lines), bottom=0.14)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
