@@ -37,7 +37,7 @@ from flows.retention import ThreadPoolRunner, forget_dead_results, forget_no_ass
 from nst_core import storage
 from nst_core.params import StyleParams
 from nst_run import paths
-from nst_run.execute import DEVICES, FailedTasks, release_failed_leases
+from nst_run.execute import DEVICES, FailedTasks, LeaseReleases
 from nst_run.lease import DEFAULT_TTL_S
 from nst_run.manifest import ManifestError
 from nst_run.planning import (
@@ -302,14 +302,9 @@ def stylize_manifest(
     pending_chunks = iter(chunks(rows_costliest_first(manifest.rows), chunk_size))  # longest first over the whole run
     resolving: collections.deque[Any] = collections.deque()  # resolve futures, oldest first
     random_weights = False
-    releaser = ThreadPoolExecutor(1, thread_name_prefix="nst-release")  # leases of failed items, freed off the dispatch loop
-    releases: list[Any] = []
+    releaser = ThreadPoolExecutor(1, thread_name_prefix="nst-release")  # off the dispatch loop: storage may be down
+    failed_leases = LeaseReleases(output_uri, owner, storage_patience_s, releaser, logger)  # freed for the next run
     failed_tasks = FailedTasks(output_uri, owner, releaser, logger)  # their rows are settled by what storage holds
-
-    def release_leases(outcomes: list[Outcome]) -> None:
-        """Free the leases of failed items in the background: storage may be down."""
-        if failed := [o for o in outcomes if o.status == "failed"]:
-            releases.append(releaser.submit(release_failed_leases, failed, output_uri, owner, storage_patience_s, logger))
 
     items_left = len(manifest.rows)  # rows not yet given to a task (an upper bound on the items left)
     unit_floor = 1
@@ -369,18 +364,17 @@ def stylize_manifest(
         forget_result(unit)  # the Work items the task was given, its last use of them
         forget_no_assets()
         computed += failed_tasks.ready()
-        release_leases(computed)
+        failed_leases.add(computed)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in computed)
         settle(flight.settle(computed))
         for outcome in computed:
             pace.item_time(outcome.duration_s)
         pace.collected(time.perf_counter() - collecting)
     if late := failed_tasks.finish(storage_patience_s):  # what storage did not say during the run: waited for now
-        release_leases(late)
+        failed_leases.add(late)
         random_weights = random_weights or any(o.weights_id.startswith("random:") for o in late)
         settle(flight.settle(late))
-    for release in releases:
-        release.result()  # release_failed_leases waits up to storage_patience_s, then leaves the lease to expire
+    failed_leases.finish()  # at most storage_patience_s of waiting for an outage, then leases expire
     releaser.shutdown()
     counts = writer.counts()
     failures = writer.lowest_failures()

@@ -353,19 +353,42 @@ def _finished_outcome(work: Work, output_uri: str, meta: dict[str, Any], owner: 
     return cached_outcome(work, output_uri, meta, status="succeeded" if meta.get("run_owner") == owner else "done_elsewhere")
 
 
-def release_failed_leases(outcomes: Iterable[Outcome], output_uri: str, owner: str, patience_s: float, logger: Logger = log) -> None:
-    """Free the leases ``owner`` still holds on failed items (their task could not, e.g. storage was down).
+class LeaseReleases:
+    """Frees the leases ``owner`` still holds on failed items (their task could not: storage was down, say),
+    on ``executor``, off the dispatch loop; otherwise they would hold up the next run until their TTL passed.
 
-    Otherwise they would hold up the next run until their TTL passed. Waits up to
-    ``patience_s`` for storage to come back; a lease it cannot free expires by itself.
+    One outage costs at most ``patience_s`` of waiting in all, not ``patience_s`` per item: once a release
+    has waited that long in vain, the next ones try once each (a lease not freed expires by itself), until
+    one succeeds again. The releases run one after another on ``executor`` (one thread), which is what
+    makes that state safe to keep here.
     """
-    for outcome in outcomes:
-        if outcome.status == "failed" and outcome.item_id:
-            folder = ItemPaths(output_uri, outcome.item_id).folder
+
+    def __init__(self, output_uri: str, owner: str, patience_s: float, executor: Executor, logger: Logger = log):
+        self.output_uri, self.owner, self.patience_s, self.executor, self.logger = output_uri, owner, patience_s, executor, logger
+        self._submitted: list[Future[None]] = []
+        self._storage_silent = False  # a release waited the whole patience in vain, and none succeeded since
+
+    def add(self, outcomes: Iterable[Outcome]) -> None:
+        """Release the leases of the failed ones among ``outcomes`` in the background."""
+        if failed := [o for o in outcomes if o.status == "failed" and o.item_id]:
+            self._submitted.append(self.executor.submit(self._release, failed))
+
+    def finish(self) -> None:
+        """Wait for every release submitted (each bounded as the class says)."""
+        for release in self._submitted:
+            release.result()
+        self._submitted = []
+
+    def _release(self, failed: list[Outcome]) -> None:
+        for outcome in failed:
+            folder = ItemPaths(self.output_uri, outcome.item_id).folder
+            patience = 0.0 if self._storage_silent else self.patience_s
             try:
-                storage.retry_transient(lambda folder=folder: lease.release_owned(folder, owner), patience_s)  # type: ignore[misc]
+                storage.retry_transient(lambda folder=folder: lease.release_owned(folder, self.owner), patience)  # type: ignore[misc]
+                self._storage_silent = False
             except storage.StorageError as exc:
-                logger.warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
+                self._storage_silent = self._storage_silent or exc.transient
+                self.logger.warning("lease of item %s not released (%s); it expires by itself", outcome.item_id, exc)
 
 
 def outcomes_of_failed_task(works: Sequence[Work], reason: str, output_uri: str, owner: str, patience_s: float, logger: Logger = log) -> list[Outcome | None]:

@@ -187,9 +187,15 @@ def test_s3_outage_past_the_retry_budget_fails_items_and_a_rerun_completes_them(
 
     state, summary = _run(manifest, output, retries=0, lease_wait_s=0.0)
     assert state.is_completed(), state.message
-    rows = _results(summary)
-    assert {i for i, r in rows.items() if r["status"] == "succeeded"} == failed
-    assert {r["item_id"] for r in rows.values() if r["status"] == "cached"} == done_before
+    again = _results(summary)
+    assert {r["item_id"] for r in again.values() if r["status"] == "cached"} == done_before
+    # Every failed row is done now: computed again, or found stored by the first run. The second happens
+    # when a task stored one item and failed on the next as S3 went down: storage, down for the whole
+    # storage_patience_s, could not say the first was stored, so the run reported it failed (nothing is
+    # taken for finished unread), and the re-run finds it complete. Which rows share a task depends on
+    # the run's pace, so either may happen; an item not stored must be computed again.
+    assert {i for i, r in again.items() if r["status"] == "succeeded"} == {i for i in failed if rows[i]["item_id"] not in done_before}
+    assert {r["status"] for r in again.values()} <= {"succeeded", "cached"}
     assert len(_assert_no_item_done_without_its_files(output)) == 4
 
 
