@@ -205,7 +205,14 @@ def mean_gram_difference(features: Tensor, target: GramTarget) -> Tensor:
 
 
 def _per_item_sum(x: Tensor) -> Tensor:
-    return x.flatten(1).sum(1)
+    """The sum over every dimension but the batch's, in float32 at least, reading ``x`` in its own layout.
+
+    A bfloat16 sum is accumulated in float32 but returned rounded to bfloat16: the content term of
+    bfloat16 features came out to three significant digits (0.2 %), the size of what the early-stopping
+    rule compares over ten iterations (``tolerance`` 0.003). And ``flatten`` of channels-last features
+    copied them first: the content term at 512 px took 4.7 ms a pass, 1.1 ms now (relu4_2, bf16).
+    """
+    return x.sum(tuple(range(1, x.dim())), dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def content_loss(features: Tensor, target: Tensor, normalization: str = "target") -> Tensor:
@@ -213,7 +220,7 @@ def content_loss(features: Tensor, target: Tensor, normalization: str = "target"
     squared_error = _per_item_sum((features - target).square())
     if normalization == "paper":
         return 0.5 * squared_error
-    return squared_error / _per_item_sum(target.square().expand_as(features)).clamp_min(_EPS)
+    return squared_error / _per_item_sum(target.square()).clamp_min(_EPS)  # [B|1]: a shared target's energy once
 
 
 def gram_loss(gram: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:

@@ -357,3 +357,20 @@ def test_bf16_style_term_in_one_step_is_the_composed_formula(norm, layout):
     exact = value_and_gradient(lambda x: losses.style_layer_loss(x.double(), target.gram.double(), norm))
     assert float((one_step[0].double() - exact[0]).norm() / exact[0].norm()) < 2e-3  # measured 3.4e-4
     assert float((one_step[1].double() - exact[1]).norm() / exact[1].norm()) < 8e-3  # measured 3.8e-3: two roundings, dD then dF
+
+
+@pytest.mark.parametrize("norm", NORMALIZATIONS)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bf16_content_term_is_a_float32_sum(norm, layout):
+    """bf16 features: the content term is summed and returned in float32 (a bfloat16 result would be
+    rounded to 0.2 %, the size of the early-stopping rule's steps), read in either layout, per item
+    against a target shared by the batch."""
+    g = torch.Generator().manual_seed(11)
+    features = torch.randn(2, 32, 12, 10, generator=g).relu().bfloat16().contiguous(memory_format=layout)
+    target = torch.randn(1, 32, 12, 10, generator=g).relu().bfloat16().contiguous(memory_format=layout)
+    term = losses.content_loss(features, target, norm)
+    exact = losses.content_loss(features.double(), target.double(), norm)
+    assert term.dtype == torch.float32 and term.shape == (2,)
+    assert float(((term.double() - exact) / exact).abs().max()) < 2e-4  # measured <= 4.1e-5: bf16 rounds each element, the sum averages
+    alone = torch.cat([losses.content_loss(features[b : b + 1], target, norm) for b in range(2)])
+    torch.testing.assert_close(term, alone, rtol=1e-6, atol=0)
