@@ -42,7 +42,7 @@ HistoryProducts = Literal["rows_first", "history_first", "onednn"]
 _PRODUCTS: dict[tuple[str, torch.dtype, int, int], HistoryProducts] = {}
 
 
-def inner_products(rows: Tensor, history: Tensor) -> Tensor:
+def inner_products(rows: Tensor, history: Tensor, way: HistoryProducts | None = None) -> Tensor:
     """``rows`` ``[k, D]`` times ``history`` ``[n, D]`` transposed: ``[k, n]``, every ``r_a . h_i``.
 
     Every way computes the same thing (up to the order of the sums), but libraries run them very
@@ -53,7 +53,7 @@ def inner_products(rows: Tensor, history: Tensor) -> Tensor:
     either at 128 px (1.1 against 1.9 ms; the history fits the CPU's cache there). So the way is
     measured (:func:`measure_products`) when a history is first allocated for a device, dtype and size.
     """
-    way = _PRODUCTS.get(_products_key(history), "rows_first")
+    way = way or product_way(history)
     if way == "onednn":
         return _onednn_product(rows, history)
     if way == "history_first":
@@ -61,10 +61,10 @@ def inner_products(rows: Tensor, history: Tensor) -> Tensor:
     return rows @ history.T
 
 
-def combine(coefficients: Tensor, history: Tensor, out: Tensor) -> None:
+def combine(coefficients: Tensor, history: Tensor, out: Tensor, way: HistoryProducts | None = None) -> None:
     """``out`` ``[1, D]`` = ``coefficients`` ``[1, n]`` times ``history`` ``[n, D]``, in the way
-    :func:`inner_products` uses for this history."""
-    if _PRODUCTS.get(_products_key(history)) == "onednn":
+    :func:`inner_products` uses for this history (or ``way``)."""
+    if (way or product_way(history)) == "onednn":
         out.copy_(_onednn_product(coefficients, history.T))
     else:
         torch.mm(coefficients, history, out=out)
@@ -74,6 +74,11 @@ def _onednn_product(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b.T`` by oneDNN's float32 matrix product (PyTorch sends float32 products to MKL, and
     reaches oneDNN's only through this operator, the one inductor uses for linear layers on CPUs)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+def product_way(history: Tensor) -> HistoryProducts:
+    """The way measured for ``history``'s device, dtype and size (the default before it is measured)."""
+    return _PRODUCTS.get(_products_key(history), "rows_first")
 
 
 def _products_key(history: Tensor) -> tuple[str, torch.dtype, int, int]:
@@ -103,9 +108,8 @@ def measure_products(history: Tensor, repeats: int = 3) -> HistoryProducts:
     coefficients = history.new_zeros((1, history.shape[0]))
 
     def step_products(way: HistoryProducts) -> None:
-        _PRODUCTS[key] = way
-        inner_products(rows, history)
-        combine(coefficients, history, out)
+        inner_products(rows, history, way)
+        combine(coefficients, history, out, way)
 
     ways = {way: functools.partial(step_products, way) for way in product_ways(history)}
     try:
@@ -156,6 +160,7 @@ class BatchedLBFGS:
         self._sy: Tensor | None = None
         self._yy: Tensor | None = None
         self._rows: list[int] = []  # the slots in use, oldest first
+        self._way: HistoryProducts = "rows_first"  # how the products over the history run (measured at allocation)
         self._h_diag = torch.ones(batch, device=device)
         self._fresh = torch.ones(batch, dtype=torch.bool, device=device)  # no usable history: take a first step
         self._step_scale = torch.ones(batch, device=device)  # per item, halved by every reset
@@ -237,7 +242,9 @@ class BatchedLBFGS:
         if self._pairs is None or self._rho is None or self._sy is None or self._yy is None:
             b, d, m = *s.shape, self.history
             self._pairs = s.new_zeros((b, m, 2, d))
-            measure_products(self._pairs[0].reshape(2 * m, d))
+            # Chosen for the full history and kept: the lookup by a history's size (``product_way``) would
+            # miss while the ring fills (2 x used rows, not 2 m), the first m steps of every run.
+            self._way = measure_products(self._pairs[0].reshape(2 * m, d))
             self._rho = s.new_zeros((b, m))
             self._sy, self._yy = s.new_zeros((b, m, m)), s.new_zeros((b, m, m))
         if len(self._rows) == self.history:
@@ -267,10 +274,10 @@ class BatchedLBFGS:
         for b in range(g.shape[0]):
             history = self._pairs[b, :used].reshape(2 * used, -1)  # rows s_0, y_0, s_1, y_1, ...
             if new_row is None:
-                on = inner_products(g[b : b + 1], history)  # [1, 2 used]: g . s_i, g . y_i
+                on = inner_products(g[b : b + 1], history, self._way)  # [1, 2 used]: g . s_i, g . y_i
             else:
                 s_new, y_new = self._pairs[b, new_row]
-                on = inner_products(torch.stack([s_new, y_new, g[b]]), history)  # [3, 2 used]
+                on = inner_products(torch.stack([s_new, y_new, g[b]]), history, self._way)  # [3, 2 used]
                 on_s, on_y = on[:, 0::2], on[:, 1::2]
                 self._sy[b, :used, new_row] = on_s[1]  # s_i . y_new
                 self._sy[b, new_row, :used] = on_y[0]  # s_new . y_i
@@ -281,7 +288,7 @@ class BatchedLBFGS:
             on_s_coef, on_y_coef = two_loop_coefficients(sg[order], yg[order], sy, yy, self._rho[b, order], h[b])
             coefficients = g.new_zeros((used, 2))  # interleaved as the history's rows
             coefficients[order, 0], coefficients[order, 1] = on_s_coef, on_y_coef
-            combine(coefficients.reshape(1, 2 * used), history, out[b : b + 1])
+            combine(coefficients.reshape(1, 2 * used), history, out[b : b + 1], self._way)
             out[b].addcmul_(g[b], h[b], value=-1.0)
         return out
 

@@ -225,6 +225,9 @@ def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(
     chosen: dict = {}
     monkeypatch.setattr(optim, "_PRODUCTS", chosen)
     monkeypatch.setattr(optim, "measure_products", lambda history, repeats=3: chosen.setdefault(optim._products_key(history), way))
+    used_ways: list[str] = []  # the way of every product a step makes, from the first pair on (the ring not yet full)
+    real_inner = optim.inner_products
+    monkeypatch.setattr(optim, "inner_products", lambda rows, history, way=None: used_ways.append(way) or real_inner(rows, history, way))
     torch.manual_seed(0)
     d, history = 12, 4
     curvature = (torch.rand(d, dtype=torch.float64) + 0.5).to(dtype)
@@ -246,6 +249,7 @@ def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(
             expected = 0.5 * _textbook_direction(grad[0].double(), pairs, float((y @ s) / (y @ y)))
             torch.testing.assert_close((x - before)[0].double(), expected, **tolerance)
     assert list(chosen.values()) == [way]  # the way was decided once, at the first pair
+    assert len(used_ways) == 3 * history - 1 and set(used_ways) == {way}  # and used from then on
 
 
 def test_the_history_products_way_is_measured_once_per_size_class(monkeypatch):
