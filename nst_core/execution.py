@@ -24,6 +24,7 @@ fixed-shape iteration are not used: nothing here could test them on a GPU.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from nst_core.losses import GramTarget, style_layer_loss
-from nst_core.measure import MARGIN, fastest
+from nst_core.measure import MARGIN, fastest, time_in_turns
 from nst_core.measure import sync as _sync
 from nst_core.network import LAYER_NAMES, Network, VGGFeatures
 
@@ -216,15 +217,10 @@ def choose_execution(
     with _LOCK:
         if key in _CHOICES:
             return _CHOICES[key]
-        # Measured under the lock: two threads on one device would time each other.
-        for option in options:
-            time_pass(network, option, measured, layers, repeats=0, style_layers=styled)  # a warm-up pass each
-        timings = dict.fromkeys(options, math.inf)
-        for _ in range(MEASURE_REPEATS):
-            for option in options:
-                seconds = time_pass(network, option, measured, layers, repeats=1, warmup=False, style_layers=styled)
-                timings[option] = min(timings[option], seconds)
-        _CHOICES[key] = fastest(timings)
+        # Measured under the lock: two threads on one device would time each other. One pass per call
+        # (time_pass's untimed pass), timed in turns after a warm-up round.
+        passes = {option: functools.partial(time_pass, network, option, measured, layers, repeats=0, style_layers=styled) for option in options}
+        _CHOICES[key] = fastest(time_in_turns(passes, MEASURE_REPEATS, network.device))
         return _CHOICES[key]
 
 
@@ -255,14 +251,9 @@ def choose_batch_size(
     with _LOCK:
         if key in _BATCH_SIZES:
             return _BATCH_SIZES[key]
-        shapes = {b: (b, *class_shape(shape)[1:]) for b in sizes}
-        for b in sizes:
-            time_pass(network, execution, shapes[b], layers, repeats=0)  # a warm-up pass each
-        per_item = dict.fromkeys(sizes, math.inf)
-        for _ in range(MEASURE_REPEATS):
-            for b in sizes:
-                per_item[b] = min(per_item[b], time_pass(network, execution, shapes[b], layers, repeats=1, warmup=False) / b)
-        _BATCH_SIZES[key] = cheapest_batch(per_item)
+        passes = {b: functools.partial(time_pass, network, execution, (b, *class_shape(shape)[1:]), layers, repeats=0) for b in sizes}
+        seconds = time_in_turns(passes, MEASURE_REPEATS, network.device)
+        _BATCH_SIZES[key] = cheapest_batch({b: seconds[b] / b for b in sizes})
         return _BATCH_SIZES[key]
 
 
