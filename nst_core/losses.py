@@ -215,12 +215,18 @@ def _per_item_sum(x: Tensor) -> Tensor:
     return x.sum(tuple(range(1, x.dim())), dtype=torch.promote_types(x.dtype, torch.float32))
 
 
-def content_loss(features: Tensor, target: Tensor, normalization: str = "target") -> Tensor:
-    """Content term at one layer; ``target`` (P) broadcasts over the batch."""
+def content_loss(features: Tensor, target: Tensor, normalization: str = "target", target_energy: Tensor | None = None) -> Tensor:
+    """Content term at one layer; ``target`` (P) broadcasts over the batch. ``target_energy``: its
+    :func:`content_energy`, when prepared once for many evaluations (:class:`GatysLoss`)."""
     squared_error = _per_item_sum((features - target).square())
     if normalization == "paper":
         return 0.5 * squared_error
-    return squared_error / _per_item_sum(target.square()).clamp_min(_EPS)  # [B|1]: a shared target's energy once
+    return squared_error / (content_energy(target) if target_energy is None else target_energy)
+
+
+def content_energy(target: Tensor) -> Tensor:
+    """``sum P^2`` per item of a content target ``[B|1, ...]``: ``[B|1]`` (a shared target's once)."""
+    return _per_item_sum(target.square()).clamp_min(_EPS)
 
 
 def gram_loss(gram: Tensor, target_gram: Tensor, normalization: str = "target") -> Tensor:
@@ -352,6 +358,7 @@ class GatysLoss(nn.Module):
         self.guidance = guidance
         # Plain targets prepared once, not every iteration (guided ones are compared per style).
         self._prepared = {name: GramTarget.of(t) for name, t in style_targets.items()} if guidance is None else {}
+        self._content_energy = {name: content_energy(t) for name, t in content_targets.items()}
 
     def style_term(self, features: Tensor, name: str) -> Tensor:
         """E_l at layer ``name``: plain or guided Gram matching."""
@@ -366,7 +373,7 @@ class GatysLoss(nn.Module):
         terms: dict[str, Tensor] = {}
         content = zero
         for name in w.content_layers:
-            content = content + content_loss(features[name], self.content_targets[name], w.normalization)
+            content = content + content_loss(features[name], self.content_targets[name], w.normalization, self._content_energy[name])
         content = content / max(len(w.content_layers), 1)
         style = zero
         for name, layer_weight in w.style_layers.items():
