@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install install-test demo lint test test-fast bench constraints clean up down status prefect.yaml
+.PHONY: install install-test demo lint test test-fast bench device-wheels constraints clean up down status prefect.yaml
 
 install: $(STAMP_RUN)
 
@@ -56,6 +56,14 @@ test-fast: install-test
 
 bench: install
 	$(BIN)/python benchmarks/engine.py
+
+# The wheels a lent GPU machine lacks (its image: Python 3.12 with PyTorch), for benchmarks/device/run.sh.
+DEVICE_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+device-wheels: $(VENV)/bin/python
+	rm -rf .whl
+	$(BIN)/pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp $(DEVICE_PLATFORMS) \
+	  -c constraints.txt -r benchmarks/device/requirements.txt -d .whl
+	@du -sh .whl
 
 # Rewrite constraints.txt from the test environment (after changing a range in pyproject.toml).
 constraints: install-test

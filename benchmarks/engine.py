@@ -294,6 +294,7 @@ def reference_stylize(content: Image.Image, style: Image.Image, size: int, itera
         loss = 1e6 * style_score + 1.0 * content_score
         loss.backward()
         evaluations[0] += 1
+        _sync(device)  # on CUDA the stamp marks the work done, not queued
         stamps.append(time.perf_counter())
         return loss
 
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    execution.configure_backends(device)  # before anything is timed: both sides run with the engine's backend settings
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [64, 128, 256] + ([512] if device.type == "cuda" else [])
     if args.iterations < 2:
         parser.error("--iterations must be at least 2 (s/it is measured between evaluations)")

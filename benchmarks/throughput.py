@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/throughput.py                      # 2 contents x 2 styles at 128 px, 300 iterations
     .venv/bin/python benchmarks/throughput.py --precision fp32     # the flow without bf16
-    .venv/bin/python benchmarks/throughput.py --size 512 --json benchmarks/results/throughput-gpu.json
+    .venv/bin/python benchmarks/throughput.py --size 512 --copies 16 --json benchmarks/results/throughput-gpu.json
 
 * flow: ``stylize_manifest`` on the sample manifest (local paths, Prefect's
   ephemeral server; server start-up not counted), default parameters except
   ``size`` and ``weights=random:0`` (and ``precision`` when given): style
   targets cached, early stopping (``tolerance``), batching where sizes match,
   bf16 convolutions where the device has them natively (``precision=auto``).
+  ``--copies N`` runs each sample row N times (ids ``<id>-<k>``, ``seed=k``: N distinct items
+  each, the same picture from the content image): four images cannot keep a GPU busy, and a
+  flow's fixed costs (planning, the report) would be most of its wall time.
 * reference: ``benchmarks/engine.py``'s tutorial-style loop, one image at a
   time, network and targets rebuilt per image, ``torch.optim.LBFGS`` for the
   same number of iterations, optimising against the same ``random:0`` VGG-19
@@ -92,7 +95,24 @@ def run_reference(size: int, iterations: int, device: torch.device) -> dict[str,
     return {"wall_s": wall, "images_per_hour": len(PAIRS) * 3600 / wall, **_mean(scores)}
 
 
-def run_flow(size: int, iterations: int, device: torch.device, output: str, precision: str = "auto") -> dict[str, object]:
+def copied_manifest(folder: Path, copies: int) -> Path:
+    """The sample manifest with each row ``copies`` times (``<id>-<k>``, ``seed=k``), absolute paths, in ``folder``."""
+    import csv
+
+    with open(REPO / "manifests" / "samples.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = folder / "samples-copied.csv"
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "seed"])
+        writer.writeheader()
+        for k in range(copies):
+            for row in rows:
+                paths = {col: str((REPO / "manifests" / row[col]).resolve()) for col in ("content_uri", "style_uri")}
+                writer.writerow({**row, **paths, "id": f"{row['id']}-{k}", "seed": k})
+    return out
+
+
+def run_flow(size: int, iterations: int, device: torch.device, output: str, precision: str = "auto", copies: int = 1) -> dict[str, object]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")
@@ -100,8 +120,9 @@ def run_flow(size: int, iterations: int, device: torch.device, output: str, prec
     from flows.stylize_manifest import stylize_manifest
 
     defaults = StyleParams(size=size, iterations=iterations, weights=WEIGHTS, device=str(device), precision=precision)
+    manifest = REPO / "manifests" / "samples.csv" if copies == 1 else copied_manifest(Path(output), copies)
     state = stylize_manifest(
-        manifest_uri=str(REPO / "manifests" / "samples.csv"), output_uri=output, defaults=defaults,
+        manifest_uri=str(manifest), output_uri=str(Path(output) / "out"), defaults=defaults,
         allow_local_paths=True, return_state=True,
     )  # fmt: skip
     summary = state.result()
@@ -116,7 +137,7 @@ def run_flow(size: int, iterations: int, device: torch.device, output: str, prec
     wall = summary["wall_time_s"]
     return {
         "wall_s": wall, "images_per_hour": len(results) * 3600 / wall, "iterations_run": iterations_run,
-        "counts": summary["counts"], "precision": precision, **_mean(scores),
+        "counts": summary["counts"], "precision": precision, "items": len(results), **_mean(scores),
     }  # fmt: skip
 
 
@@ -129,7 +150,8 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "side.json"
         command = [sys.executable, __file__, "--side", side, "--side-json", str(out), "--size", str(args.size),
-                   "--iterations", str(args.iterations), "--device", args.device, "--precision", args.precision]  # fmt: skip
+                   "--iterations", str(args.iterations), "--device", args.device, "--precision", args.precision,
+                   "--copies", str(args.copies)]  # fmt: skip
         subprocess.run(command, check=True)
         return json.loads(out.read_text())
 
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=StyleParams().iterations)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="the flow's precision parameter")
+    parser.add_argument("--copies", type=int, default=1, help="the flow runs each sample row this many times (distinct items; see above)")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument("--side", choices=("flow", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--side-json", help=argparse.SUPPRESS)
@@ -148,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.side is not None:
         if args.side == "flow":
             with tempfile.TemporaryDirectory() as tmp:
-                figures = run_flow(args.size, args.iterations, device, tmp, args.precision)
+                figures = run_flow(args.size, args.iterations, device, tmp, args.precision, args.copies)
         else:
             figures = run_reference(args.size, args.iterations, device)
         Path(args.side_json).write_text(json.dumps(figures))
@@ -158,18 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     ratio = flow["images_per_hour"] / reference["images_per_hour"]
     equal_or_better = all(flow[k] <= QUALITY_MARGIN * reference[k] for k in ("style_distance", "content_distance"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"throughput at {args.size} px, {args.iterations} iterations (max), {len(PAIRS)} pairs, device {device} ({name}), torch threads {torch.get_num_threads()}")
+    print(f"throughput at {args.size} px, {args.iterations} iterations (max), {len(PAIRS)} pairs x {args.copies} copies in the flow, device {device} ({name}), torch threads {torch.get_num_threads()}")
     print(f"flow precision: {args.precision} -> {resolve_precision(args.precision, device)}; reference: fp32")
     print(f"{'':<10} {'images/h':>10} {'wall s':>8} {'style dist':>11} {'content dist':>13}")
     for label, r in (("flow", flow), ("reference", reference)):
         print(f"{label:<10} {r['images_per_hour']:>10.1f} {r['wall_s']:>8.1f} {r['style_distance']:>11.5f} {r['content_distance']:>13.4f}")
     print(f"ratio flow/reference: {ratio:.2f}x; quality equal or better (within {QUALITY_MARGIN - 1:.0%}): {equal_or_better}")
-    print(f"flow iterations per item (early stopping): {flow['iterations_run']}")
+    print(f"flow iterations per item (early stopping): {flow['iterations_run'] if args.copies == 1 else sorted(flow['iterations_run'])}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "size": args.size, "iterations": args.iterations, "device": str(device), "device_name": name,
-            "torch_threads": torch.get_num_threads(), "precision": args.precision,
+            "torch_threads": torch.get_num_threads(), "precision": args.precision, "copies": args.copies, "torch": torch.__version__,
             "precision_resolved": resolve_precision(args.precision, device), "flow": flow, "reference": reference,
             "ratio": ratio, "quality_equal_or_better": equal_or_better,
         }, indent=2))  # fmt: skip

@@ -117,9 +117,20 @@ def class_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
 
 
 def configure_backends(device: torch.device) -> None:
-    """Backend settings for ``device``: on CUDA, cuDNN's autotuner (fixed shapes; see the module docstring)."""
+    """Backend settings for ``device``, on CUDA:
+
+    * cuDNN's autotuner (fixed shapes; see the module docstring);
+    * bf16 products reduced in float32 only: the style term's ``F F^T / M - A`` is subtracted inside the
+      product's float32 accumulator (``nst_core.losses``), and cuBLAS may otherwise split the long
+      reduction (a Gram's ``K`` is every position of the image) and add the parts in bf16, which puts
+      the Gram's own rounding back into the difference.
+
+    Float32 convolutions keep PyTorch's default (TF32 on Ampere and later GPUs): ``precision=fp32`` on
+    CUDA is PyTorch's float32, as in the plain loop it is compared with.
+    """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
 def features(network: Network, x: Tensor, layers: Sequence[str] | frozenset[str], execution: Execution = EAGER_NCHW) -> dict[str, Tensor]:

@@ -419,12 +419,16 @@ _LOCK = threading.Lock()
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; ``cpu`` and ``cuda:N`` are taken as given."""
+    """``auto`` picks CUDA when present, else the CPU; ``cpu`` and ``cuda:N`` are taken as given, and
+    ``cuda`` (and ``auto`` on a GPU machine) is the current GPU by its index: one GPU has one name in
+    every cache and lock keyed by it (``cuda`` and ``cuda:0`` would be two)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -268,7 +268,9 @@ class BatchedLBFGS:
         if self._pairs is None or self._rho is None or self._sy is None or self._yy is None:
             return -g * self._h_diag[:, None]
         used = len(self._rows)  # the ring fills slots 0..m-1 in turn, so the slots in use are the first ``used``
-        order = torch.tensor(self._rows, device=g.device)
+        # Oldest first: the ring is a rotation of 0..used-1. Made on the device (a tensor built from the
+        # list would be a host-to-device copy, which waits for the GPU: one stall a step on CUDA).
+        order = torch.arange(self._rows[0], self._rows[0] + used, device=g.device).remainder_(used)
         h = self._h_diag.to(g.dtype)
         out = torch.empty_like(g)
         for b in range(g.shape[0]):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import random
 import socket
 import threading
@@ -87,27 +86,38 @@ class DevicePool:
     def __init__(self) -> None:
         count = torch.cuda.device_count()
         self.devices = [torch.device(f"cuda:{i}") for i in range(count)] or [torch.device("cpu")]
-        self._free: queue.Queue[torch.device] = queue.Queue()
-        for device in self.devices:
-            self._free.put(device)
+        self._free = list(self.devices)  # the pool's devices not lent now, under _returned
+        self._returned = threading.Condition()
         self._explicit: dict[str, threading.Lock] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def acquire(self, wanted: str) -> Iterator[torch.device]:
-        if wanted == "auto":
-            device = self._free.get()
-            try:
+        """Lend ``wanted`` (``auto``: the first free device of the pool), waiting until it is free.
+
+        A pool device is lent once however it is asked for (``auto``, ``cuda``, ``cuda:0``; ``cpu`` on a
+        machine without GPUs): two optimisations at once on one device would time each other and
+        overrun the memory their batch sizes were cut for. A device outside the pool (the CPU beside
+        GPUs) has a lock of its own.
+        """
+        device = None if wanted == "auto" else resolve_device(wanted)
+        if device is not None and device not in self.devices:
+            with self._lock:
+                lock = self._explicit.setdefault(str(device), threading.Lock())
+            with lock:
                 yield device
-            finally:
-                self._free.put(device)
             return
-        device = resolve_device(wanted)
-        with self._lock:
-            lock = self._explicit.setdefault(str(device), threading.Lock())
-        with lock:
-            yield device
+        with self._returned:
+            self._returned.wait_for(lambda: device in self._free if device is not None else bool(self._free))
+            lent = device if device is not None else self._free[0]
+            self._free.remove(lent)
+        try:
+            yield lent
+        finally:
+            with self._returned:
+                self._free.append(lent)
+                self._returned.notify_all()
 
     def run(self, device: torch.device, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on ``device``'s own thread (acquire the device first); its result or exception."""
@@ -187,13 +197,25 @@ def _free_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+# What cuBLAS and cuDNN raise when their own allocations (handles, workspaces) fail: a plain RuntimeError,
+# not torch.OutOfMemoryError, though the cure is the same (a smaller batch).
+_LIBRARY_OOM_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device ran out of memory (PyTorch's allocator or a CUDA library's)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and any(m in str(exc) for m in _LIBRARY_OOM_MESSAGES))
+
+
 def _run_unless_oom(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None, hold_device: DeviceSlot) -> list[engine.StyleResult] | None:
     """The batch's results, or None when it ran out of memory (the device cache freed)."""
     try:
         return list(_run_batch(batch, time_limit_s, hold_device))
-    except torch.OutOfMemoryError:
-        _free_cuda_cache()
-        return None
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
+    _free_cuda_cache()  # out of the except block: its traceback no longer holds the failed pass's tensors
+    return None
 
 
 def _optimise_with_oom_split(batch: list[tuple[Work, dict[str, Any]]], time_limit_s: float | None, hold_device: DeviceSlot) -> list[engine.StyleResult | str]:
@@ -553,8 +575,8 @@ def auto_batch_size(work: Work, items: int = AUTO_MAX_ITEMS) -> int:
     item_bytes = estimate_item_bytes(height, width, params, resolve_precision(params.precision, device))
     if device.type == "cpu":
         return _cpu_batch_size(work, device, height, width, item_bytes, items)
-    free, _ = torch.cuda.mem_get_info()
-    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    free, _ = torch.cuda.mem_get_info(device)  # this item's GPU, not the thread's current one
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(max(1, min(AUTO_MAX_ITEMS, 0.7 * free // item_bytes)))
 
 

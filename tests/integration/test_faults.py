@@ -335,11 +335,28 @@ def test_a_lease_has_one_winner_and_an_expired_one_is_taken_over_once(s3_bucket)
     assert not storage.list_prefix(folder + "/")
 
 
-def test_an_out_of_memory_batch_is_halved_once_then_the_item_fails_alone(prefect_server, tmp_path, sample_images, monkeypatch):
-    # A CPU cannot run out of GPU memory on demand: the engine call raises torch.OutOfMemoryError for
-    # any batch holding the item marked "huge", as CUDA would; everything else runs the real engine.
+def _out_of_memory(kind: str) -> RuntimeError:
     import torch
 
+    if kind == "allocator":
+        return torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    return RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (simulated)")
+
+
+def test_only_out_of_memory_errors_are_taken_for_out_of_memory():
+    from nst_run.execute import out_of_memory
+
+    assert out_of_memory(_out_of_memory("allocator")) and out_of_memory(_out_of_memory("cublas"))
+    assert out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
+    assert not out_of_memory(ValueError("CUDA out of memory"))  # not an error PyTorch raises for it
+
+
+@pytest.mark.parametrize("kind", ["allocator", "cublas"])
+def test_an_out_of_memory_batch_is_halved_once_then_the_item_fails_alone(prefect_server, tmp_path, sample_images, monkeypatch, kind):
+    # A CPU cannot run out of GPU memory on demand: the engine call raises what CUDA would (PyTorch's
+    # allocator: torch.OutOfMemoryError; cuBLAS's handle or workspace: a RuntimeError) for any batch
+    # holding the item marked "huge"; everything else runs the real engine.
     import nst_run.execute as task_module
 
     original = task_module.engine.stylize_batch
@@ -348,7 +365,7 @@ def test_an_out_of_memory_batch_is_halved_once_then_the_item_fails_alone(prefect
     def fits_unless_huge(jobs, **kwargs):
         seen.append(len(jobs))
         if any(job.params.seed == 2 for job in jobs):
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise _out_of_memory(kind)
         return original(jobs, **kwargs)
 
     monkeypatch.setattr(task_module.engine, "stylize_batch", fits_unless_huge)

@@ -170,6 +170,36 @@ def test_device_work_runs_on_the_devices_own_thread():
         pool.run(device, lambda: 1 / 0)
 
 
+def test_a_device_is_lent_once_however_it_is_asked_for():
+    """``auto`` and the device's own name (``cpu`` here; ``cuda`` on a GPU machine, which is ``cuda:0``)
+    are one device: while one optimisation holds it, another waits, whichever way it asked (old code:
+    an explicit name took a lock of its own, so both ran at once)."""
+    import threading
+
+    import torch
+
+    from nst_run.execute import DevicePool
+
+    pool = DevicePool()
+    name = "cpu" if pool.devices == [torch.device("cpu")] else "cuda"
+    events: list[str] = []
+    lent = threading.Event()
+
+    def second() -> None:
+        with pool.acquire(name) as device:
+            events.append(f"second got {device}")
+            lent.set()
+
+    with pool.acquire("auto") as first:
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not lent.wait(0.5), "lent twice"  # a wrongly shared device is lent at once
+        events.append(f"first gives back {first}")
+    assert lent.wait(30)
+    waiter.join()
+    assert events == [f"first gives back {pool.devices[0]}", f"second got {pool.devices[0]}"]
+
+
 def test_an_item_named_by_rows_of_two_chunks_is_computed_once_and_both_rows_succeed(prefect_server, sample_images, tmp_path):
     """Two rows asking for the same picture, in different chunks: one computation, and the second row is
     reported ``succeeded`` by this run (old code: ``cached``, as if an earlier run had made it)."""
