@@ -18,8 +18,10 @@ the rest of the process. The choice is in
 500+ iterations, and every new image shape compiles again. It is untried on a GPU.
 
 CUDA: cuDNN's autotuner is switched on (:func:`configure_backends`): an optimisation runs hundreds
-of passes of one fixed shape, so one search per shape pays for itself. CUDA graphs of the
-fixed-shape iteration are not used: nothing here could test them on a GPU.
+of passes of one fixed shape, so one search per shape pays for itself. Not measured yet: a batch
+whose items stop early changes shape at each departure, and each new shape is searched again;
+``NST_CUDNN_BENCHMARK=0`` turns the autotuner off, for ``benchmarks/throughput.py`` to compare the two
+on a GPU. CUDA graphs of the fixed-shape iteration are not used: nothing here could test them on a GPU.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ benchmark's bare trunk then ran NCHW 11 % faster."""
 
 
 COMPILE_ENV = "NST_TORCH_COMPILE"
+CUDNN_BENCHMARK_ENV = "NST_CUDNN_BENCHMARK"
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def class_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
 def configure_backends(device: torch.device) -> None:
     """Backend settings for ``device``, on CUDA:
 
-    * cuDNN's autotuner (fixed shapes; see the module docstring);
+    * cuDNN's autotuner (fixed shapes; see the module docstring), unless ``$NST_CUDNN_BENCHMARK`` is ``0``;
     * bf16 products reduced in float32 only: the style term's ``F F^T / M - A`` is subtracted inside the
       product's float32 accumulator (``nst_core.losses``), and cuBLAS may otherwise split the long
       reduction (a Gram's ``K`` is every position of the image) and add the parts in bf16, which puts
@@ -129,7 +132,7 @@ def configure_backends(device: torch.device) -> None:
     CUDA is PyTorch's float32, as in the plain loop it is compared with.
     """
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = os.environ.get(CUDNN_BENCHMARK_ENV, "1") != "0"
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 

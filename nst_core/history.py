@@ -38,8 +38,10 @@ def to_png(history: list[dict[str, float]], title: str = "loss") -> bytes:
         return _plot(history, title)
 
 
-_TITLE_CHARS = 64
-"""Characters of a title line that fit over the plot's axes at its font size (hex digits, the widest)."""
+_TITLE_CHARS = 58
+"""Characters of a title line that fit in the figure, centred over the axes at its font size: measured
+with the widest of an id's usual characters (hex digits, lowercase letters), 58 end 16 px inside the
+figure's right edge; 64 ran off it (``tests/unit/test_loss_plot.py``)."""
 
 
 def _abridged(text: str) -> str:

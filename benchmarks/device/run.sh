@@ -9,7 +9,10 @@
 #
 #     run(command="bash benchmarks/device/run.sh", carry=[".whl"], timeout_s=560)
 #
-# Steps (all by default; name some to rerun only those): env, tests, engine, memory, throughput.
+# Steps (all by default; name some to rerun only those): env, tests, engine, memory, throughput;
+# throughput-heuristic (not by default) is the throughput step with cuDNN's autotuner off
+# (NST_CUDNN_BENCHMARK=0): items that stop early change a batch's shape, and each new shape is
+# searched again; run it in the same lease to compare.
 # Everything lands in $OUT (the device tool brings it back): run.log (every step's output) and the
 # benchmarks' JSON: engine-gpu.json, memory-gpu.json, throughput-gpu-512.json. Copy what is worth
 # keeping into benchmarks/results/ with the GPU's name and the commit (e.g. engine-h100-<sha>.json).
@@ -44,4 +47,5 @@ step tests 150 env NST_REQUIRE_CUDA=1 $PY -m pytest tests/gpu -q -rA -p no:cache
 step engine 120 $PY benchmarks/engine.py --device cuda --sizes 256,512 --rounds 3 --json "$OUT/engine-gpu.json"
 step memory 60 $PY benchmarks/memory.py --device cuda --sizes 256,512 --json "$OUT/memory-gpu.json"
 step throughput 180 $PY benchmarks/throughput.py --device cuda --size 512 --copies 16 --json "$OUT/throughput-gpu-512.json"
+step throughput-heuristic 180 env NST_CUDNN_BENCHMARK=0 $PY benchmarks/throughput.py --device cuda --size 512 --copies 16 --json "$OUT/throughput-gpu-512-heuristic.json"
 echo "== done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -24,6 +24,26 @@ def test_a_plot_is_a_png_of_one_size_whatever_its_title():
     assert sizes == {(600, 360)}
 
 
+def _title_columns(png: bytes) -> tuple[int, int]:
+    """The leftmost and rightmost columns of dark pixels above the axes (the title), and the figure's width."""
+    import numpy as np
+
+    with Image.open(io.BytesIO(png)) as plot:
+        dark = np.asarray(plot.convert("L")) < 128
+    frame = next(r for r in range(dark.shape[0]) if dark[r, 200:400].all())  # the axes' top edge: a solid line
+    columns = np.flatnonzero(dark[:frame].any(axis=0))
+    return int(columns.min()), int(columns.max())
+
+
+def test_a_long_title_stays_inside_the_figure():
+    """Ids and hashes of the widest common characters (hex digits, lowercase letters), as long as an
+    id may be: the title's pixels keep clear of the figure's edges (before: a 64-character line,
+    centred over the axes, ran off the right edge)."""
+    for title in ("row-" + "0123456789abcdef" * 12 + "  weights=sha256:" + "ab" * 32, "d" * 200, "tubingen-starry  weights=random:0"):
+        left, right = _title_columns(history.to_png(ROWS, title))
+        assert left >= 4 and right <= 600 - 5, (title[:30], left, right)
+
+
 def test_a_long_title_part_keeps_both_ends():
     weights = "weights=sha256:" + "0123456789abcdef" * 4
     short = history._abridged(weights)
