@@ -108,19 +108,21 @@ def test_the_item_estimate_is_what_a_gpu_run_keeps_within_20_percent_above(cuda_
     assert per_item <= estimate <= 1.2 * per_item, (estimate / 1e6, per_item / 1e6)
 
 
-def test_the_history_products_are_measured_among_the_blas_ways_and_equal_the_plain_products():
+def test_the_history_products_are_measured_among_the_gpu_ways_and_equal_the_plain_products():
     """Sums of 100,000 products of unit normals (entries of about 300): within float32's rounding of
     such sums in another order (2e-3 seen on the CPU; a wrong product is off by hundreds)."""
     g = torch.Generator(device=CUDA).manual_seed(0)
     history = torch.randn(8, 100_000, device=CUDA, generator=g)
     rows, coefficients = torch.randn(3, 100_000, device=CUDA, generator=g), torch.randn(1, 8, device=CUDA, generator=g)
-    ways = optim.product_ways(history)
-    assert ways == ["rows_first", "history_first"]  # oneDNN's product is a CPU operator
-    assert optim.measure_products(history) in ways
-    for way in ways:
+    assert optim.inner_ways(history) == ["rows_first", "history_first"]  # oneDNN's product is a CPU operator
+    assert optim.combine_ways(history) == ["mm", "chunked"]
+    ways = optim.measure_products(history)
+    assert ways.inner in optim.inner_ways(history) and ways.combine in optim.combine_ways(history)
+    for way in optim.inner_ways(history):
         torch.testing.assert_close(optim.inner_products(rows, history, way), rows @ history.T, rtol=1e-4, atol=0.05)
+    for combined in optim.combine_ways(history):
         out = torch.empty(1, 100_000, device=CUDA)
-        optim.combine(coefficients, history, out, way)
+        optim.combine(coefficients, history, out, combined)
         torch.testing.assert_close(out, coefficients @ history, rtol=1e-4, atol=1e-3)
 
 

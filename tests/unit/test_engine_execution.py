@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import sample_image
@@ -215,19 +217,21 @@ def _textbook_direction(g: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.T
 
 
 @pytest.mark.parametrize(
-    ("way", "dtype"),
-    [(way, torch.float64) for way in ("rows_first", "history_first")]
-    + [(way, torch.float32) for way in ("rows_first", "history_first", "onednn")],
+    ("inner", "combined", "dtype"),
+    [(i, c, torch.float64) for i in ("rows_first", "history_first") for c in ("mm", "chunked")]
+    + [(i, c, torch.float32) for i in ("rows_first", "history_first", "onednn") for c in ("mm", "chunked", "onednn")],
 )
-def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(monkeypatch, way, dtype):
-    """Each way of making the history's products gives the textbook two-loop direction, through two
+def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(monkeypatch, inner, combined, dtype):
+    """Each way of making the history's two products gives the textbook two-loop direction, through two
     wraps of the ring buffer (oneDNN's is float32 only, so float32 runs too, to float32's rounding)."""
     chosen: dict = {}
+    ways = optim.ProductWays(inner, combined)
     monkeypatch.setattr(optim, "_PRODUCTS", chosen)
-    monkeypatch.setattr(optim, "measure_products", lambda history, repeats=3: chosen.setdefault(optim._products_key(history), way))
-    used_ways: list[str] = []  # the way of every product a step makes, from the first pair on (the ring not yet full)
-    real_inner = optim.inner_products
-    monkeypatch.setattr(optim, "inner_products", lambda rows, history, way=None: used_ways.append(way) or real_inner(rows, history, way))
+    monkeypatch.setattr(optim, "measure_products", lambda history, repeats=3: chosen.setdefault(optim._products_key(history), ways))
+    used: list[tuple[str, str]] = []  # the way of every product a step makes, from the first pair on (the ring not yet full)
+    real_inner, real_combine = optim.inner_products, optim.combine
+    monkeypatch.setattr(optim, "inner_products", lambda rows, history, way="rows_first": used.append(("inner", way)) or real_inner(rows, history, way))
+    monkeypatch.setattr(optim, "combine", lambda c, history, out, way="mm": used.append(("combine", way)) or real_combine(c, history, out, way))
     torch.manual_seed(0)
     d, history = 12, 4
     curvature = (torch.rand(d, dtype=torch.float64) + 0.5).to(dtype)
@@ -248,14 +252,15 @@ def test_lbfgs_ring_buffer_steps_are_the_two_loop_recursion_past_a_full_history(
             s, y = pairs[-1]
             expected = 0.5 * _textbook_direction(grad[0].double(), pairs, float((y @ s) / (y @ y)))
             torch.testing.assert_close((x - before)[0].double(), expected, **tolerance)
-    assert list(chosen.values()) == [way]  # the way was decided once, at the first pair
-    assert len(used_ways) == 3 * history - 1 and set(used_ways) == {way}  # and used from then on
+    assert list(chosen.values()) == [ways]  # the ways were decided once, at the first pair
+    assert len(used) == 2 * (3 * history - 1) and set(used) == {("inner", inner), ("combine", combined)}  # and used from then on
 
 
-def test_the_history_products_way_is_measured_once_per_size_class(monkeypatch):
-    """Every way computes ``rows @ history.T`` and ``coefficients @ history``; the fastest is measured
-    once per device, dtype, history length and size class of D (within a factor of two), then reused
-    without timing. oneDNN's product is a candidate for float32 on a CPU, not for float64."""
+def test_the_history_products_ways_are_measured_once_per_size_class(monkeypatch):
+    """Every way computes ``rows @ history.T`` (``inner_products``) and ``coefficients @ history``
+    (``combine``); the fastest of each is measured once per device, dtype, history length and size class
+    of D (within a factor of two), then reused without timing. oneDNN's product is a candidate for float32
+    on a CPU, not for float64; the chunked combine also for a D its blocks do not divide (one block)."""
     monkeypatch.setattr(optim, "_PRODUCTS", {})
     timings: list[float] = []
     real = measure.time.perf_counter
@@ -263,21 +268,24 @@ def test_the_history_products_way_is_measured_once_per_size_class(monkeypatch):
     g = torch.Generator().manual_seed(0)
     history, rows, coefficients = torch.randn(8, 1000, generator=g), torch.randn(3, 1000, generator=g), torch.randn(1, 8, generator=g)
     onednn = ["onednn"] if torch.backends.mkldnn.is_available() else []  # in the pinned PyTorch builds
-    assert optim.product_ways(history) == ["rows_first", "history_first", *onednn]
-    assert "onednn" not in optim.product_ways(history.double())
-    assert optim.measure_products(history) in optim.product_ways(history)
+    assert optim.inner_ways(history) == ["rows_first", "history_first", *onednn]
+    assert optim.combine_ways(history) == ["mm", "chunked", *onednn]
+    assert "onednn" not in optim.inner_ways(history.double()) + optim.combine_ways(history.double())
+    ways = optim.measure_products(history)
+    assert ways.inner in optim.inner_ways(history) and ways.combine in optim.combine_ways(history)
     measured = len(timings)
     assert measured > 0
     optim.measure_products(torch.zeros(8, 700))  # the same size class: not measured again
     assert len(timings) == measured
     optim.measure_products(torch.zeros(8, 5000))  # another class is
     assert len(timings) > measured
-    for way in optim.product_ways(history):
-        optim._PRODUCTS[optim._products_key(history)] = way
-        torch.testing.assert_close(optim.inner_products(rows, history), rows @ history.T, rtol=1e-5, atol=1e-4)
-        out = torch.empty(1, 1000)
-        optim.combine(coefficients, history, out)
-        torch.testing.assert_close(out, coefficients @ history, rtol=1e-5, atol=1e-4)
+    for way in optim.inner_ways(history):
+        torch.testing.assert_close(optim.inner_products(rows, history, way), rows @ history.T, rtol=1e-5, atol=1e-4)
+    for wide in (history, torch.randn(8, 1001, generator=g)):  # 1001: not divided into blocks
+        for way in optim.combine_ways(wide):
+            out = torch.full((1, wide.shape[1]), math.nan)
+            optim.combine(coefficients, wide, out, way)
+            torch.testing.assert_close(out, coefficients @ wide, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
