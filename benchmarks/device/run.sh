@@ -3,7 +3,7 @@
 # ten minutes of it): the CUDA tests first, then the GPU benchmarks, each under its own time limit so
 # that one that hangs does not eat the others' time. Here, once:
 #
-#     make device-wheels                 # .whl/: Python 3.12 wheels of what the GPU image lacks (~35 MB)
+#     make device-wheels                 # .whl/: Python 3.12 wheels of what the GPU image lacks (~39 MB)
 #
 # then the device tool's run, from the repository root:
 #
