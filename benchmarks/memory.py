@@ -43,10 +43,7 @@ def measure(size: int, device: torch.device, precision: str) -> dict[str, object
     params = StyleParams(size=size, iterations=3, weights=WEIGHTS, device=str(device), precision=precision, tolerance=0)
 
     def run(batch: int) -> int:
-        jobs = [Job(content, style, params)] * batch
-        if device.type == "cuda":  # cuDNN's autotuner tries algorithms at a shape's first pass, in workspaces the peak would count
-            stylize_batch(jobs, network=network)
-        return execution.peak_bytes(lambda: stylize_batch(jobs, network=network), device)
+        return execution.peak_bytes(lambda: stylize_batch([Job(content, style, params)] * batch, network=network), device)
 
     stylize_batch([Job(content, style, params.model_copy(update={"iterations": 1}))], network=network)  # layout chosen, trunk copies made
     one, two = run(1), run(2)

@@ -324,13 +324,16 @@ def _stand_in_target(features: Tensor) -> GramTarget:
 def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
     """Bytes of tensors on ``device`` alive at the peak of ``run()``, above what was alive before it.
 
-    CUDA: the caching allocator's own count (``torch.cuda.max_memory_allocated``, reset first). CPU:
+    CUDA: the caching allocator's own count (``torch.cuda.max_memory_allocated``, reset first), of a
+    second call: ``run`` is called once before, unmeasured, because cuDNN's autotuner tries algorithms
+    at a shape's first pass in workspaces the peak would count (a batch of a new size). CPU:
     the profiler's memory timeline (every tensor's creation and destruction; its export is deprecated
     in favour of CUDA-only snapshots, hence the warning filter): what the same tensors would occupy on a
     GPU, without cuDNN's workspaces. Used to check :func:`nst_core.engine.estimate_item_bytes`, which
     sizes automatic batches (``tests/unit/test_memory_estimate.py``, ``benchmarks/memory.py``).
     """
     if device.type == "cuda":
+        run()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
