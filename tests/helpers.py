@@ -45,6 +45,28 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+def assert_quality_criterion(image, content, style, size: int, weights_id: str) -> None:
+    """The engine's quality criterion, judged by a VGG-19 with other random weights: the Gram-matrix
+    style distance to the painting falls >= 5x from the photo to the output ``image``, and the output's
+    relu4_2 content distance to the photo stays below the painting's. ``content`` and ``style`` are the
+    PIL images the output was made from at long side ``size``."""
+    from nst_core import images, quality
+
+    photo = images.resized_tensor(content, long_side=size)
+    style_t = images.resized_tensor(style, long_side=size)
+    height, width = photo.shape[1:]
+    painting = images.resized_tensor(style, exact=(width, height))
+    assert quality.judge_weights(weights_id) != weights_id
+    q_out = quality.measure(image, photo, style_t, weights_id)
+    q_photo = quality.measure(photo, photo, style_t, weights_id)
+    q_painting = quality.measure(painting, photo, style_t, weights_id)
+    ratio = q_photo.style_distance / q_out.style_distance
+    figures = f"style photo {q_photo.style_distance:.4f} -> output {q_out.style_distance:.4f} (x{ratio:.1f}); content output {q_out.content_distance:.3f} vs painting {q_painting.content_distance:.3f}"
+    assert ratio >= 5.0, figures
+    assert q_out.content_distance < q_painting.content_distance, figures
+    assert q_photo.content_distance == 0.0
+
+
 def stacked_targets(network, params, contents, styles):
     """Content features and style Grams of each (content, style) pair, stacked as a batch."""
     import torch

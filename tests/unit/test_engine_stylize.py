@@ -18,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from helpers import psnr, sample_image, stacked_targets
+from helpers import assert_quality_criterion, psnr, sample_image, stacked_targets
 
 from nst_core import IterationInfo, engine, images, quality, stylize
 from nst_core.network import Network, native_bf16, resolve_precision
@@ -140,20 +140,7 @@ def test_quality_criterion_holds(styled, size, precision, tubingen, starry):
     relu4_2 content distance to the photo stays below the painting's."""
     result = styled(size, precision)
     assert result.precision == precision
-    photo = images.resized_tensor(tubingen, long_side=size)
-    style = images.resized_tensor(starry, long_side=size)
-    height, width = photo.shape[1:]
-    painting = images.resized_tensor(starry, exact=(width, height))
-    assert quality.judge_weights(result.weights_id) != result.weights_id
-
-    q_out = quality.measure(result.image, photo, style, result.weights_id)
-    q_photo = quality.measure(photo, photo, style, result.weights_id)
-    q_painting = quality.measure(painting, photo, style, result.weights_id)
-    ratio = q_photo.style_distance / q_out.style_distance
-    figures = f"style photo {q_photo.style_distance:.4f} -> output {q_out.style_distance:.4f} (x{ratio:.1f}); content output {q_out.content_distance:.3f} vs painting {q_painting.content_distance:.3f}"
-    assert ratio >= 5.0, figures
-    assert q_out.content_distance < q_painting.content_distance, figures
-    assert q_photo.content_distance == 0.0
+    assert_quality_criterion(result.image, tubingen, starry, size, result.weights_id)
 
 
 # How far bf16's judged distances may sit from fp32's: the optimisation's own spread, measured, not one
