@@ -71,7 +71,8 @@ def test_a_default_run_on_the_gpu_meets_the_quality_criterion(cuda_net, tubingen
 def test_a_batch_equals_each_item_alone_on_the_gpu(cuda_net, tubingen, starry):
     """As tests/unit/test_engine_stylize.py's test on the CPU, with its bounds (fp32, 4 L-BFGS iterations:
     every total within 0.2 %, mean pixel difference <= 2e-3): on CUDA the batch and the lone item may
-    run different cuDNN algorithms (the autotuner picks per shape), which round differently."""
+    run different cuDNN algorithms (the autotuner picks per shape; TF32 in fp32), which round differently,
+    so the CPU test's first-iteration bound (1e-5, ``_assert_same_run``) is not asked for here."""
     shipwreck = images.load_image(sample_image("shipwreck.jpg")).resize(tubingen.size)
     params = StyleParams(size=64, iterations=4, weights=WEIGHTS, device="cuda", precision="fp32")
     jobs = [Job(tubingen, starry, params), Job(shipwreck, starry, params.with_overrides(init="noise", seed=3))]
