@@ -120,12 +120,14 @@ def _onednn_available(history: Tensor) -> bool:
 
 def inner_ways(history: Tensor) -> list[InnerWay]:
     """The ways of :func:`inner_products` worth timing for ``history``, the default first."""
-    return ["rows_first", "history_first", *(["onednn"] if _onednn_available(history) else [])]  # type: ignore[list-item]
+    ways: list[InnerWay] = ["rows_first", "history_first"]
+    return [*ways, "onednn"] if _onednn_available(history) else ways
 
 
 def combine_ways(history: Tensor) -> list[CombineWay]:
     """The ways of :func:`combine` worth timing for ``history``, the default first."""
-    return ["mm", "chunked", *(["onednn"] if _onednn_available(history) else [])]  # type: ignore[list-item]
+    ways: list[CombineWay] = ["mm", "chunked"]
+    return [*ways, "onednn"] if _onednn_available(history) else ways
 
 
 def measure_products(history: Tensor, repeats: int = 3) -> ProductWays:
